@@ -1,0 +1,271 @@
+"""torch diffusers repo -> ppdiffusers library, one tensor at a time, every tensor accounted for."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from convert import configs
+from convert.components import PARTS, PIPELINES, SCHEDULER_CONFIG, Part
+from convert.errors import ConversionError
+from convert.output import atomic_folder, check_destination
+from convert.source import read_json, resolve, weight_files
+from convert.target import expected_tensors
+from convert.tensorfile import TensorFile
+from convert.writer import StreamingSafetensorsWriter
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16}
+REPORT_NAME = "conversion_report.json"
+
+
+@dataclass
+class Move:
+    file: TensorFile
+    source_name: str
+    target_name: str
+    transpose: bool
+
+
+@dataclass
+class PartPlan:
+    name: str
+    part: Part
+    config: dict
+    files: list[TensorFile]
+    moves: list[Move] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+
+    def nbytes(self, dtype: torch.dtype) -> int:
+        return sum(_out_dtype(m.file.dtypes[m.source_name], dtype).itemsize * _numel(m.file.shapes[m.source_name]) for m in self.moves)
+
+
+def read_pipeline(folder: Path) -> tuple[str, dict[str, Part | None]]:
+    """The pipeline class and, per part folder, its Paddle part (None where the repo leaves it out)."""
+    index = read_json(folder / "model_index.json")
+    pipeline = index.get("_class_name")
+    if pipeline not in PIPELINES:
+        raise ConversionError(f"{folder / 'model_index.json'}: unknown model type {pipeline!r} (supported: {', '.join(PIPELINES)})")
+    expected = PIPELINES[pipeline]
+    parts: dict[str, Part | None] = {}
+    for name in expected["required"] + expected["optional"]:
+        entry = index.get(name)
+        if entry is None or entry == [None, None]:
+            if name in expected["required"]:
+                raise ConversionError(f"{folder / 'model_index.json'}: required part {name!r} missing")
+            if entry is not None:
+                parts[name] = None
+            continue
+        parts[name] = _paddle_part(folder, name, entry)
+    unknown = [key for key in index if not key.startswith("_") and key not in parts and key not in ("requires_safety_checker",)]
+    if unknown:
+        raise ConversionError(f"{folder / 'model_index.json'}: unknown part {unknown[0]!r} for {pipeline}")
+    return pipeline, parts
+
+
+def _paddle_part(folder: Path, name: str, entry) -> Part:
+    if not (isinstance(entry, list) and len(entry) == 2):
+        raise ConversionError(f"{folder / 'model_index.json'}: entry {name!r} should be [library, class], got {entry!r}")
+    library, cls = entry
+    if name == "scheduler" and library == "diffusers":
+        import ppdiffusers
+
+        if hasattr(ppdiffusers, cls):
+            return Part("ppdiffusers", cls, config_file=SCHEDULER_CONFIG)
+    part = PARTS.get((library, cls))
+    if part is None:
+        raise ConversionError(f"{folder / 'model_index.json'}: unknown model type {library}.{cls} for part {name!r}")
+    return part
+
+
+def plan_part(folder: Path, name: str, part: Part) -> PartPlan:
+    """Map every source tensor of one part onto the Paddle model, or fail naming the tensor."""
+    part_folder = folder / name
+    config_path = part_folder / part.config_file
+    if not part_folder.is_dir():
+        raise ConversionError(f"{part_folder}: component folder missing")
+    config = read_json(config_path)
+    expected = expected_tensors(part, config, str(config_path))
+    files = [TensorFile(path) for path in weight_files(part_folder, part.weights_family)]
+    plan = PartPlan(name, part, config, files)
+    sources: dict[str, str] = {}
+    for file in files:
+        for source_name, shape in file.shapes.items():
+            where = f"{file.path}: tensor {source_name!r}"
+            if any(re.search(pattern, source_name) for pattern in part.drops):
+                plan.dropped.append(source_name)
+                continue
+            target_name = _rename(source_name, part.renames)
+            target = expected.get(target_name)
+            if target is None:
+                raise ConversionError(f"{where}: unknown tensor, {part.paddle_class} has no {target_name!r}")
+            if target_name in sources:
+                raise ConversionError(f"{where}: maps to {target_name!r}, already given by {sources[target_name]!r}")
+            if not (file.dtypes[source_name] and file.dtypes[source_name].is_floating_point):
+                raise ConversionError(f"{where}: dtype {file.dtypes[source_name]} is not a floating point weight")
+            transpose = target.linear_weight and len(shape) == 2
+            got = tuple(reversed(shape)) if transpose else shape
+            if got != target.shape:
+                raise ConversionError(
+                    f"{where}: shape {list(shape)} disagrees with {config_path.name}, which gives "
+                    f"{target_name} shape {list(reversed(target.shape)) if transpose else list(target.shape)}"
+                )
+            sources[target_name] = source_name
+            plan.moves.append(Move(file, source_name, target_name, transpose))
+    missing = [name for name in expected if name not in sources]
+    if missing:
+        raise ConversionError(f"{part_folder}: {len(missing)} tensor(s) missing from the weights, first {missing[0]!r}")
+    return plan
+
+
+def convert_library(src: str, out: Path, dtype: str = "float32", overwrite: bool = False, quiet: bool = False, check=None) -> dict:
+    """Convert `src` (folder or Hub id) into a ppdiffusers library at `out`; returns the report.
+    `check(staging_folder, report)` runs before the output is moved into place (the parity run);
+    it raises to abandon the output."""
+    started = time.perf_counter()
+    out = Path(out)
+    check_destination(out.absolute(), overwrite)
+    folder = resolve(src)
+    if folder.absolute() == out.absolute():
+        raise ConversionError(f"{out}: the output folder cannot be the source folder")
+    pipeline, parts = read_pipeline(folder)
+    plans = [plan_part(folder, name, part) for name, part in parts.items() if part is not None and part.weights_family]
+    target_dtype = DTYPES[dtype]
+    report = {
+        "source": str(src),
+        "source_folder": str(folder),
+        "pipeline": pipeline,
+        "dtype": dtype,
+        "converter": f"riffusion-paddle convert (ppdiffusers {configs.PPDIFFUSERS_VERSION})",
+        "parts": {},
+    }
+    with atomic_folder(out, overwrite) as staging, ThreadPoolExecutor(max_workers=1) as hasher:
+        hashes = {file.path: hasher.submit(_sha256, file.path) for plan in plans for file in plan.files}
+        total = sum(plan.nbytes(target_dtype) for plan in plans)
+        with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=quiet) as progress:
+            for plan in plans:
+                report["parts"][plan.name] = _write_part(plan, staging, target_dtype, dtype, progress)
+        for name, part in parts.items():
+            if part is None or not part.weights_family:
+                _copy_part(folder, staging, name, part)
+        _write_json(staging / "model_index.json", _model_index(folder, parts))
+        for plan in plans:
+            for entry in report["parts"][plan.name]["files"]:
+                entry["sha256"] = hashes[Path(entry["path"])].result()
+            for file in plan.files:
+                file.close()
+        report["copied"] = [name for name, part in parts.items() if part is not None and not part.weights_family]
+        report["seconds"] = round(time.perf_counter() - started, 3)
+        if check is not None:
+            check(staging, report)
+        _write_json(staging / REPORT_NAME, report)
+    return report
+
+
+def _write_part(plan: PartPlan, staging: Path, target_dtype: torch.dtype, dtype_name: str, progress) -> dict:
+    started = time.perf_counter()
+    part_out = staging / plan.name
+    part_out.mkdir()
+    layout = [
+        (m.target_name, _numpy_dtype(_out_dtype(m.file.dtypes[m.source_name], target_dtype)), _target_shape(m))
+        for m in plan.moves
+    ]
+    writer = StreamingSafetensorsWriter(part_out / plan.part.paddle_weights, layout, {"format": plan.part.weights_format})
+    try:
+        for move in plan.moves:
+            tensor = move.file.read(move.source_name)
+            if move.transpose:
+                tensor = tensor.t()
+            tensor = tensor.to(_out_dtype(tensor.dtype, target_dtype))
+            writer.write(move.target_name, tensor.numpy())
+            progress.update(tensor.numel() * tensor.element_size())
+    except BaseException:
+        writer.abort()
+        raise
+    writer.close()
+    is_model = plan.part.paddle_library == "ppdiffusers"
+    config = configs.diffusers_config(plan.config) if is_model else configs.transformers_config(plan.config, dtype_name)
+    _write_json(part_out / plan.part.config_file, config)
+    return {
+        "files": [{"path": str(file.path), "bytes": file.path.stat().st_size} for file in plan.files],
+        "output": f"{plan.name}/{plan.part.paddle_weights}",
+        "tensors_in": sum(len(file.shapes) for file in plan.files),
+        "mapped": len(plan.moves),
+        "transposed": sum(m.transpose for m in plan.moves),
+        "renamed": sum(m.source_name != m.target_name for m in plan.moves),
+        "dropped": plan.dropped,
+        "bytes_written": (part_out / plan.part.paddle_weights).stat().st_size,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def _copy_part(folder: Path, staging: Path, name: str, part: Part | None) -> None:
+    if part is None:
+        return
+    source = folder / name
+    if not source.is_dir():
+        raise ConversionError(f"{source}: component folder missing")
+    config = read_json(source / part.config_file)
+    shutil.copytree(source, staging / name)
+    if name == "scheduler":
+        config = configs.diffusers_config(config)
+    elif part.paddle_class == "CLIPImageProcessor":
+        config = configs.image_processor_config(config)
+    elif part.paddle_class == "CLIPTokenizer":
+        special_tokens = source / "special_tokens_map.json"
+        if special_tokens.is_file():
+            _write_json(staging / name / special_tokens.name, configs.special_tokens_map(read_json(special_tokens)))
+    _write_json(staging / name / part.config_file, config)
+
+
+def _model_index(folder: Path, parts: dict[str, Part | None]) -> dict:
+    index = configs.diffusers_config(read_json(folder / "model_index.json"))
+    for name, part in parts.items():
+        index[name] = [None, None] if part is None else [part.paddle_library, part.paddle_class]
+    return index
+
+
+def _rename(name: str, renames) -> str:
+    for pattern, replacement in renames:
+        renamed, count = re.subn(pattern, replacement, name)
+        if count:
+            return renamed
+    return name
+
+
+def _out_dtype(source: torch.dtype, target: torch.dtype) -> torch.dtype:
+    return target if source.is_floating_point else source
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    return torch.empty((), dtype=dtype).numpy().dtype
+
+
+def _target_shape(move: Move) -> tuple[int, ...]:
+    shape = move.file.shapes[move.source_name]
+    return tuple(reversed(shape)) if move.transpose else shape
+
+
+def _numel(shape) -> int:
+    return int(np.prod(shape, dtype=np.int64))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(8 * 2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

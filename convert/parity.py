@@ -1,0 +1,317 @@
+"""Numeric parity: the same inputs through the torch original (diffusers, transformers) and the
+converted ppdiffusers library, per part and end to end.
+
+python -m convert.parity --torch SRC --paddle DIR [--json FILE]     exit 1 when any check fails
+
+Errors are absolute (max |torch - paddle|); the relative figure is max_abs / max |torch|. When the
+library was written in float16 the torch reference gets the same float16-rounded weights, so both
+sides compute from identical numbers and the fp32 tolerances still apply.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from convert.errors import ConversionError
+
+# Absolute tolerances, float32 compute. optimum's exporter uses text 1e-3, unet 1e-4, vae 3e-4.
+TOLERANCES = {
+    "text_encoder": 1e-4,
+    "unet": 1e-4,
+    "vae_encode": 1e-4,
+    "vae_decode": 1e-4,
+    "image_processor": 1e-5,
+    "safety_checker": 1e-4,
+    "pipeline": 1e-3,
+}
+
+MUSIC_PROMPTS = [
+    "",
+    "funky synth solo",
+    "jazzy rapping from paris",
+    "lo-fi beat for the holidays, 90 BPM, vinyl crackle",
+    "Church bells on SUNDAY!!!   (reverb)",
+    "techno, 128bpm – Berlin basement; acid 303 line",
+    "mariachi trumpets ☀️ über café",
+    "epic orchestral soundtrack " * 12,  # longer than 77 tokens: truncation
+]
+
+
+@dataclass
+class Check:
+    name: str
+    max_abs: float
+    max_rel: float
+    tolerance: float
+    passed: bool
+    detail: str = ""
+
+
+def compare(name: str, reference, candidate, tolerance: float | None = None, detail: str = "") -> Check:
+    reference = np.asarray(reference, dtype=np.float64)
+    candidate = np.asarray(candidate, dtype=np.float64)
+    tolerance = TOLERANCES[name] if tolerance is None else tolerance
+    if reference.shape != candidate.shape:
+        return Check(name, float("inf"), float("inf"), tolerance, False, f"shape {candidate.shape} != {reference.shape}")
+    max_abs = float(np.max(np.abs(reference - candidate))) if reference.size else 0.0
+    scale = float(np.max(np.abs(reference))) if reference.size else 0.0
+    max_rel = max_abs / scale if scale else max_abs
+    passed = bool(np.isfinite(candidate).all()) and max_abs <= tolerance
+    return Check(name, max_abs, max_rel, tolerance, passed, detail or f"shape {list(reference.shape)}")
+
+
+class Sides:
+    """Loads each part of both models on demand, one part at a time."""
+
+    def __init__(self, torch_folder: Path, paddle_folder: Path):
+        self.torch_folder = Path(torch_folder)
+        self.paddle_folder = Path(paddle_folder)
+        self.half_weights = _weights_are_half(self.paddle_folder)
+
+    def torch_model(self, cls, name: str):
+        import torch
+
+        model = cls.from_pretrained(self.torch_folder / name).eval()
+        if self.half_weights:
+            model.to(torch.float16).to(torch.float32)
+        return model
+
+    def paddle_model(self, cls, name: str, **kwargs):
+        import paddle
+
+        model = cls.from_pretrained(str(self.paddle_folder / name), **kwargs)
+        model.to(dtype=paddle.float32)
+        model.eval()
+        return model
+
+
+def run_parity(torch_src: str, paddle_dir: Path, steps: int = 3, latent_size: int | None = None) -> tuple[list[Check], dict]:
+    import paddle
+    import torch
+
+    from convert.source import resolve
+
+    torch.manual_seed(0)
+    paddle.seed(0)
+    sides = Sides(resolve(torch_src), Path(paddle_dir))
+    unet_config = json.loads((sides.paddle_folder / "unet" / "config.json").read_text())
+    latent = latent_size or min(int(unet_config.get("sample_size", 64)), 32)
+    settings = {"latent_size": latent, "image_size": latent * 8, "steps": steps, "half_weights": sides.half_weights}
+    checks: list[Check] = []
+    with torch.no_grad(), paddle.no_grad():
+        checks += _tokenizer_checks(sides)
+        checks += _text_encoder_checks(sides)
+        checks += _unet_checks(sides, latent, unet_config)
+        checks += _vae_checks(sides, latent)
+        if (sides.paddle_folder / "safety_checker").is_dir():
+            checks += _safety_checker_checks(sides)
+        checks += _pipeline_checks(sides, latent, steps)
+    return checks, settings
+
+
+def _tokenizer_checks(sides: Sides) -> list[Check]:
+    from ppdiffusers.transformers import CLIPTokenizer as PaddleTokenizer
+    from transformers import CLIPTokenizer as TorchTokenizer
+
+    kwargs = dict(padding="max_length", max_length=77, truncation=True)
+    torch_ids = np.array(TorchTokenizer.from_pretrained(sides.torch_folder / "tokenizer")(MUSIC_PROMPTS, **kwargs).input_ids)
+    paddle_ids = np.array(PaddleTokenizer.from_pretrained(str(sides.paddle_folder / "tokenizer"))(MUSIC_PROMPTS, **kwargs)["input_ids"])
+    mismatched = int((torch_ids != paddle_ids).sum()) if torch_ids.shape == paddle_ids.shape else torch_ids.size
+    passed = mismatched == 0
+    return [Check("tokenizer", float(mismatched), 0.0, 0.0, passed, f"{len(MUSIC_PROMPTS)} prompts, {mismatched} ids differ")]
+
+
+def _text_encoder_checks(sides: Sides) -> list[Check]:
+    import paddle
+    import torch
+    from ppdiffusers.transformers import CLIPTextModel as PaddleCLIP
+    from transformers import CLIPTextModel as TorchCLIP
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(sides.torch_folder / "tokenizer")
+    ids = np.array(tokenizer(MUSIC_PROMPTS[:4], padding="max_length", max_length=77, truncation=True).input_ids)
+    reference = sides.torch_model(TorchCLIP, "text_encoder")(torch.from_numpy(ids))
+    hidden, pooled = reference.last_hidden_state.numpy(), reference.pooler_output.numpy()
+    _release()
+    model = sides.paddle_model(PaddleCLIP, "text_encoder", dtype="float32")
+    output = model(paddle.to_tensor(ids), return_dict=True)
+    checks = [
+        compare("text_encoder", hidden, output.last_hidden_state.numpy(), detail=f"last_hidden_state {list(hidden.shape)}"),
+        compare("text_encoder", pooled, output.pooler_output.numpy(), detail=f"pooler_output {list(pooled.shape)}"),
+    ]
+    del model
+    _release()
+    return checks
+
+
+def _unet_checks(sides: Sides, latent: int, config: dict) -> list[Check]:
+    import paddle
+    import torch
+    from diffusers import UNet2DConditionModel as TorchUNet
+    from ppdiffusers import UNet2DConditionModel as PaddleUNet
+
+    rng = np.random.default_rng(1)
+    sample = rng.standard_normal((2, config.get("in_channels", 4), latent, latent), dtype=np.float32)
+    timesteps = np.array([981, 21], dtype=np.int64)
+    context = rng.standard_normal((2, 77, config["cross_attention_dim"]), dtype=np.float32)
+    model = sides.torch_model(TorchUNet, "unet")
+    reference = model(torch.from_numpy(sample), torch.from_numpy(timesteps), torch.from_numpy(context)).sample.numpy()
+    del model
+    _release()
+    model = sides.paddle_model(PaddleUNet, "unet")
+    output = model(paddle.to_tensor(sample), paddle.to_tensor(timesteps), paddle.to_tensor(context)).sample.numpy()
+    del model
+    _release()
+    return [compare("unet", reference, output, detail=f"noise prediction, batch 2, {latent}x{latent} latents")]
+
+
+def _vae_checks(sides: Sides, latent: int) -> list[Check]:
+    import paddle
+    import torch
+    from diffusers import AutoencoderKL as TorchVAE
+    from ppdiffusers import AutoencoderKL as PaddleVAE
+
+    rng = np.random.default_rng(2)
+    image = rng.uniform(-1, 1, (1, 3, latent * 8, latent * 8)).astype(np.float32)
+    latents = rng.standard_normal((1, 4, latent, latent), dtype=np.float32)
+    model = sides.torch_model(TorchVAE, "vae")
+    mean = model.encode(torch.from_numpy(image)).latent_dist.mean.numpy()
+    decoded = model.decode(torch.from_numpy(latents)).sample.numpy()
+    del model
+    _release()
+    model = sides.paddle_model(PaddleVAE, "vae")
+    checks = [
+        compare("vae_encode", mean, model.encode(paddle.to_tensor(image)).latent_dist.mean.numpy(), detail="latent_dist.mean"),
+        compare("vae_decode", decoded, model.decode(paddle.to_tensor(latents)).sample.numpy(), detail=f"{latent * 8}x{latent * 8} image"),
+    ]
+    del model
+    _release()
+    return checks
+
+
+def _safety_checker_checks(sides: Sides) -> list[Check]:
+    import paddle
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker as TorchChecker
+    from ppdiffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker as PaddleChecker
+    from ppdiffusers.transformers import CLIPImageProcessor as PaddleProcessor
+    from transformers import CLIPImageProcessor as TorchProcessor
+
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, (96, 128, 3), dtype=np.uint8) for _ in range(2)]
+    torch_pixels = TorchProcessor.from_pretrained(sides.torch_folder / "feature_extractor")(images, return_tensors="np").pixel_values
+    paddle_pixels = PaddleProcessor.from_pretrained(str(sides.paddle_folder / "feature_extractor"))(images, return_tensors="np").pixel_values
+    checks = [compare("image_processor", torch_pixels, paddle_pixels, detail="CLIP preprocessing of 2 images")]
+    pixels = torch_pixels.astype(np.float32)
+
+    model = sides.torch_model(TorchChecker, "safety_checker")
+    reference = model.visual_projection(model.vision_model(torch.from_numpy(pixels))[1]).numpy()
+    del model
+    _release()
+    model = sides.paddle_model(PaddleChecker, "safety_checker", dtype="float32")
+    output = model.visual_projection(model.vision_model(paddle.to_tensor(pixels))[1]).numpy()
+    del model
+    _release()
+    checks.append(compare("safety_checker", reference, output, detail="image embeddings"))
+    return checks
+
+
+def _pipeline_checks(sides: Sides, latent: int, steps: int) -> list[Check]:
+    import paddle
+    import torch
+    from diffusers import StableDiffusionPipeline as TorchPipeline
+    from ppdiffusers import StableDiffusionPipeline as PaddlePipeline
+
+    latents = np.random.default_rng(4).standard_normal((1, 4, latent, latent), dtype=np.float32)
+    call = dict(prompt="lo-fi hip hop beat, mellow piano", num_inference_steps=steps, guidance_scale=7.0,
+                height=latent * 8, width=latent * 8, output_type="np")
+    pipe = TorchPipeline.from_pretrained(sides.torch_folder, safety_checker=None, requires_safety_checker=False)
+    if sides.half_weights:
+        for model in (pipe.unet, pipe.vae, pipe.text_encoder):
+            model.to(torch.float16).to(torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    reference = pipe(latents=torch.from_numpy(latents), **call).images
+    del pipe
+    _release()
+    pipe = PaddlePipeline.from_pretrained(str(sides.paddle_folder), paddle_dtype=paddle.float32)
+    pipe.safety_checker = None
+    pipe.set_progress_bar_config(disable=True)
+    output = pipe(latents=paddle.to_tensor(latents), **call).images
+    del pipe
+    _release()
+    return [compare("pipeline", reference, output, detail=f"{steps} PNDM steps, guidance 7, {latent * 8}px image in [0,1]")]
+
+
+def _weights_are_half(folder: Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "unet" / "diffusion_paddle_model.safetensors"), framework="np") as handle:
+        first = next(iter(handle.keys()))
+        return handle.get_slice(first).get_dtype() == "F16"
+
+
+def _release() -> None:
+    gc.collect()
+
+
+def format_table(checks: list[Check]) -> str:
+    rows = [f"{'check':<16} {'max abs':>10} {'max rel':>10} {'tolerance':>10}  result  what"]
+    for check in checks:
+        tolerance = "exact" if check.tolerance == 0 else f"{check.tolerance:.0e}"
+        rows.append(
+            f"{check.name:<16} {check.max_abs:>10.2e} {check.max_rel:>10.2e} {tolerance:>10}  "
+            f"{'ok' if check.passed else 'FAIL':<6}  {check.detail}"
+        )
+    return "\n".join(rows)
+
+
+def to_json(checks: list[Check], settings: dict) -> dict:
+    return {"passed": all(check.passed for check in checks), "settings": settings, "checks": [asdict(c) for c in checks]}
+
+
+def check_during_conversion(torch_src: str, quiet: bool = False):
+    """The hook `convert` runs on its staging folder before moving it into place."""
+
+    def check(staging: Path, report: dict) -> None:
+        checks, settings = run_parity(torch_src, staging)
+        report["parity"] = to_json(checks, settings)
+        print(format_table(checks))
+        if not report["parity"]["passed"]:
+            failed = ", ".join(sorted({c.name for c in checks if not c.passed}))
+            raise ConversionError(f"parity failed ({failed}): nothing written")
+
+    return check
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m convert.parity", description="torch vs Paddle parity of a converted library")
+    parser.add_argument("--torch", required=True, help="the torch source: Hub id or diffusers folder")
+    parser.add_argument("--paddle", required=True, type=Path, help="the converted ppdiffusers library")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--steps", type=int, default=3, help="denoising steps of the end-to-end run")
+    parser.add_argument("--latent-size", type=int, help="latent height/width (default: the UNet's sample_size, at most 32)")
+    args = parser.parse_args(argv)
+    try:
+        if not (args.paddle / "model_index.json").is_file():
+            raise ConversionError(f"{args.paddle}: not a converted library (no model_index.json)")
+        checks, settings = run_parity(args.torch, args.paddle, steps=args.steps, latent_size=args.latent_size)
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(format_table(checks))
+    result = to_json(checks, settings)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print("parity: all checks passed" if result["passed"] else "parity: FAILED")
+    return 0 if result["passed"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Find a source model: a local diffusers folder or a Hub repo id, and the weight files of each part."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from convert.errors import ConversionError
+
+# Weight file names per naming family, most preferred first. An `.index.json` names shards.
+WEIGHT_FILES = {
+    "diffusers": (
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.safetensors.index.json",
+        "diffusion_pytorch_model.bin",
+        "diffusion_pytorch_model.bin.index.json",
+    ),
+    "transformers": (
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+        "pytorch_model.bin.index.json",
+    ),
+}
+
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def resolve(src: str, revision: str | None = None) -> Path:
+    """A local folder holding model_index.json, downloading `src` from the Hub if it is a repo id."""
+    path = Path(src)
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ConversionError(f"{path}: no model_index.json, not a diffusers-format model folder")
+        return path
+    if path.exists():
+        raise ConversionError(f"{path}: a single-file checkpoint is not a diffusers folder; use a folder or a Hub id")
+    if not HUB_ID.match(src):
+        raise ConversionError(f"{src}: no such folder, and not a Hub repo id (owner/name)")
+    return _download(src, revision)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        raise ConversionError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ConversionError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path}: expected a JSON object")
+    return data
+
+
+def weight_files(folder: Path, family: str) -> list[Path]:
+    """The weight files of one part, in the most preferred format present."""
+    if not folder.is_dir():
+        raise ConversionError(f"{folder}: component folder missing")
+    for name in WEIGHT_FILES[family]:
+        candidate = folder / name
+        if not candidate.is_file():
+            continue
+        if name.endswith(".index.json"):
+            shards = sorted(set(read_json(candidate).get("weight_map", {}).values()))
+            if not shards:
+                raise ConversionError(f"{candidate}: empty weight_map")
+            missing = [shard for shard in shards if not (folder / shard).is_file()]
+            if missing:
+                raise ConversionError(f"{candidate}: shard {missing[0]} missing")
+            return [folder / shard for shard in shards]
+        return [candidate]
+    raise ConversionError(f"{folder}: no weight file (looked for {', '.join(WEIGHT_FILES[family])})")
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    """Fetch only what conversion reads: JSON/tokenizer files and one weight format per part.
+    With HF_HUB_OFFLINE=1 this resolves from the local Hugging Face cache."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import constants as hub_constants
+    from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError
+
+    patterns = ["model_index.json", "*/*.json", "*/*.txt"]
+    try:
+        if hub_constants.HF_HUB_OFFLINE:
+            patterns += [f"*/{name}" for names in WEIGHT_FILES.values() for name in names]
+        else:
+            patterns += _preferred_weights(HfApi().list_repo_files(repo_id, revision=revision))
+        patterns += ["*/*-of-*.safetensors", "*/*-of-*.bin"]  # shards named by an index
+        folder = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
+    except LocalEntryNotFoundError:
+        raise ConversionError(f"{repo_id}: not in the local Hugging Face cache and the Hub is not reachable") from None
+    except HfHubHTTPError as error:
+        raise ConversionError(f"{repo_id}: Hub download failed: {str(error).splitlines()[0]}") from None
+    return resolve(folder)
+
+
+def _preferred_weights(repo_files: list[str]) -> list[str]:
+    chosen = []
+    folders = {name.split("/")[0] for name in repo_files if name.count("/") == 1}
+    for folder in sorted(folders):
+        for names in WEIGHT_FILES.values():
+            present = [name for name in names if f"{folder}/{name}" in repo_files]
+            if present:
+                chosen.append(f"{folder}/{present[0]}")
+                break
+    return chosen
