@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from convert.source import WEIGHT_FILES
+
 SIZES = {
     "tiny": {
         "unet": dict(block_out_channels=[32, 64, 64, 64], cross_attention_dim=32, sample_size=8),
@@ -89,24 +91,24 @@ def build(out: Path, size: str = "tiny", weights: str = "bin", seed: int = 0) ->
     torch.manual_seed(seed)
 
     unet = UNet2DConditionModel.from_config(unet_config(size))
-    _save(out / "unet", "diffusion_pytorch_model", weights, _perturbed(unet), unet_config(size))
+    _save(out / "unet", "diffusers", weights, _perturbed(unet), unet_config(size))
     del unet
 
     vae = AutoencoderKL.from_config(vae_config(size))
-    _save(out / "vae", "diffusion_pytorch_model", weights, _legacy_vae_names(_perturbed(vae)), vae_config(size))
+    _save(out / "vae", "diffusers", weights, _legacy_vae_names(_perturbed(vae)), vae_config(size))
     del vae
 
     text = CLIPTextModel(text_config(size))
     state = _perturbed(text)
     state["text_model.embeddings.position_ids"] = torch.arange(77).unsqueeze(0)
-    _save(out / "text_encoder", "pytorch_model", weights, state, _transformers_json(text.config, "CLIPTextModel"))
+    _save(out / "text_encoder", "transformers", weights, state, _transformers_json(text.config, "CLIPTextModel"))
     del text, state
 
     checker = StableDiffusionSafetyChecker(safety_config(size))
     state = _perturbed(checker)
     patches = (224 // 14) ** 2 + 1
     state["vision_model.vision_model.embeddings.position_ids"] = torch.arange(patches).unsqueeze(0)
-    _save(out / "safety_checker", "pytorch_model", weights, state,
+    _save(out / "safety_checker", "transformers", weights, state,
           _transformers_json(checker.config, "StableDiffusionSafetyChecker"))
     del checker, state
 
@@ -164,15 +166,15 @@ def _transformers_json(config, architecture: str) -> dict:
     return data
 
 
-def _save(folder: Path, stem: str, weights: str, state: dict, config: dict) -> None:
+def _save(folder: Path, family: str, weights: str, state: dict, config: dict) -> None:
     folder.mkdir()
     state = {name: tensor.contiguous() for name, tensor in state.items()}
     if weights == "safetensors":
         from safetensors.torch import save_file
 
-        save_file(state, folder / f"{stem}.safetensors", metadata={"format": "pt"})
+        save_file(state, folder / WEIGHT_FILES[family][0], metadata={"format": "pt"})
     else:
-        torch.save(state, folder / f"{stem}.bin")
+        torch.save(state, folder / WEIGHT_FILES[family][2])
     _write_json(folder / "config.json", config)
 
 

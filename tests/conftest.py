@@ -1,0 +1,32 @@
+"""Shared fixtures: a tiny random-weight riffusion-model-v1 lookalike and its conversion. No network."""
+
+import os
+import shutil
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_HOME", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "hf_home"))
+
+
+@pytest.fixture(scope="session")
+def torch_repo(tmp_path_factory):
+    from convert.builtin import build
+
+    return build(tmp_path_factory.mktemp("src") / "riffusion-tiny", size="tiny")
+
+
+@pytest.fixture(scope="session")
+def paddle_library(torch_repo, tmp_path_factory):
+    from convert.library import convert_library
+    from convert.parity import check_during_conversion
+
+    out = tmp_path_factory.mktemp("out") / "riffusion-tiny-paddle"
+    convert_library(str(torch_repo), out, quiet=True, check=check_during_conversion(str(torch_repo)))
+    return out
+
+
+@pytest.fixture
+def repo_copy(torch_repo, tmp_path):
+    """A private copy of the tiny repo that a test may damage."""
+    return shutil.copytree(torch_repo, tmp_path / "damaged")
