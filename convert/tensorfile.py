@@ -8,6 +8,7 @@ the process's resident memory until the map is closed, so the file is re-opened 
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -73,17 +74,20 @@ def _open_safetensors(path: Path):
 
 
 def _open_pickle(path: Path) -> dict[str, torch.Tensor]:
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as handle:
+            if handle.read(1) == b"\x80":  # a pickle protocol header: torch.save before torch 1.6
+                raise ConversionError(
+                    f"{path}: legacy (pre-zip) torch pickle cannot be memory-mapped; re-save it with a "
+                    "current torch.save or as .safetensors"
+                )
+        raise ConversionError(f"{path}: not a readable torch file (truncated or corrupted?): not a zip archive")
     try:
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as error:
         reason = str(error).strip().splitlines()[0]
         raise ConversionError(f"{path}: refused to unpickle, the file holds more than tensors ({reason})") from None
     except RuntimeError as error:
-        if "mmap" in str(error):
-            raise ConversionError(
-                f"{path}: legacy (pre-zip) torch pickle cannot be memory-mapped; re-save it with a "
-                "current torch.save or as .safetensors"
-            ) from None
         reason = str(error).strip().splitlines()[0]
         raise ConversionError(f"{path}: not a readable torch file (truncated or corrupted?): {reason}") from None
     except (OSError, EOFError, ValueError) as error:
