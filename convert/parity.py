@@ -92,12 +92,31 @@ class Sides:
         return model
 
 
+def quiet_libraries() -> None:
+    """The libraries log every load at INFO/WARNING; the parity table is what matters here."""
+    import logging
+    import warnings
+
+    import diffusers
+    import ppdiffusers
+    import transformers
+    from paddlenlp.utils.log import logger as paddlenlp_logger
+
+    warnings.filterwarnings("ignore")
+    for library in (diffusers, ppdiffusers, transformers):
+        library.utils.logging.set_verbosity(logging.CRITICAL)  # diffusers logs its .bin fallback as an error
+        library.utils.logging.disable_progress_bar()
+    paddlenlp_logger.set_level("ERROR")
+    logging.getLogger("paddle").setLevel(logging.ERROR)
+
+
 def run_parity(torch_src: str, paddle_dir: Path, steps: int = 3, latent_size: int | None = None) -> tuple[list[Check], dict]:
     import paddle
     import torch
 
     from convert.source import resolve
 
+    quiet_libraries()
     torch.manual_seed(0)
     paddle.seed(0)
     sides = Sides(resolve(torch_src), Path(paddle_dir))
