@@ -46,7 +46,7 @@ class PartPlan:
     dropped: list[str] = field(default_factory=list)
 
     def nbytes(self, dtype: torch.dtype) -> int:
-        return sum(_out_dtype(m.file.dtypes[m.source_name], dtype).itemsize * _numel(m.file.shapes[m.source_name]) for m in self.moves)
+        return sum(dtype.itemsize * _numel(m.file.shapes[m.source_name]) for m in self.moves)
 
 
 def read_pipeline(folder: Path) -> tuple[str, dict[str, Part | None]]:
@@ -175,17 +175,14 @@ def _write_part(plan: PartPlan, staging: Path, target_dtype: torch.dtype, dtype_
     started = time.perf_counter()
     part_out = staging / plan.name
     part_out.mkdir()
-    layout = [
-        (m.target_name, _numpy_dtype(_out_dtype(m.file.dtypes[m.source_name], target_dtype)), _target_shape(m))
-        for m in plan.moves
-    ]
+    layout = [(m.target_name, _numpy_dtype(target_dtype), _target_shape(m)) for m in plan.moves]
     writer = StreamingSafetensorsWriter(part_out / plan.part.paddle_weights, layout, {"format": plan.part.weights_format})
     try:
         for move in plan.moves:
             tensor = move.file.read(move.source_name)
             if move.transpose:
-                tensor = tensor.t()
-            tensor = tensor.to(_out_dtype(tensor.dtype, target_dtype))
+                tensor = tensor.t().contiguous()  # torch's transpose copy is about 2x numpy's here
+            tensor = tensor.to(target_dtype)
             writer.write(move.target_name, tensor.numpy())
             progress.update(tensor.numel() * tensor.element_size())
     except BaseException:
@@ -240,10 +237,6 @@ def _rename(name: str, renames) -> str:
         if count:
             return renamed
     return name
-
-
-def _out_dtype(source: torch.dtype, target: torch.dtype) -> torch.dtype:
-    return target if source.is_floating_point else source
 
 
 def _numpy_dtype(dtype: torch.dtype) -> np.dtype:

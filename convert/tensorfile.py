@@ -1,12 +1,16 @@
 """Lazy, bounded-memory reading of one torch weight file (.safetensors, or a .bin zip pickle).
 
-Both formats are read through a memory map. Pages of a map that have been touched count towards
-the process's resident memory until the map is closed, so the file is re-opened after every
-`remap_bytes` read: peak memory stays near one tensor plus that budget, whatever the file size.
+Both formats are read through a memory map, and pages of a map that have been touched count towards
+the process's resident memory until they are released. For a .bin (torch's map is ours to reach)
+the pages of each tensor are released once the next tensor is asked for; a safetensors file (its
+map lives inside the library) is re-opened after every `remap_bytes` read. Either way peak memory
+stays near one tensor, whatever the file size.
 """
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import pickle
 import zipfile
 from pathlib import Path
@@ -16,7 +20,10 @@ from safetensors import SafetensorError, safe_open
 
 from convert.errors import ConversionError
 
-REMAP_BYTES = 256 * 2**20
+REMAP_BYTES = 64 * 2**20
+MADV_DONTNEED = 4  # Linux
+MADV_POPULATE_READ = 22  # Linux 5.14+: map a range in one call instead of one page fault per 4 KiB
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -29,9 +36,9 @@ class TensorFile:
     def __init__(self, path: Path, remap_bytes: int = REMAP_BYTES):
         self.path = Path(path)
         self.remap_bytes = remap_bytes
-        self._handle = None
         self._read_since_open = 0
-        self._open()
+        self._last: torch.Tensor | None = None
+        self._handle = _open_safetensors(self.path) if self.is_safetensors else _open_pickle(self.path)
         self.shapes, self.dtypes = {}, {}
         for name in self._handle.keys():
             if self.is_safetensors:
@@ -47,23 +54,38 @@ class TensorFile:
         return self.path.suffix == ".safetensors"
 
     def read(self, name: str) -> torch.Tensor:
-        """The tensor's data; a view into the map, valid until the next read."""
-        if self._read_since_open > self.remap_bytes:
-            self._open()
-        tensor = self._tensor(name)
-        self._read_since_open += tensor.numel() * tensor.element_size()
-        return tensor
+        """The tensor's data: for a .bin a view into the map, valid until the next read."""
+        if self.is_safetensors:
+            if self._read_since_open > self.remap_bytes:
+                self._handle = None  # unmap before mapping again
+                self._handle = _open_safetensors(self.path)
+                self._read_since_open = 0
+            tensor = self._handle.get_tensor(name)
+            self._read_since_open += tensor.numel() * tensor.element_size()
+            return tensor
+        self._release_last()
+        self._last = self._handle[name]
+        self._advise(self._last, MADV_POPULATE_READ)  # best effort: older kernels refuse, faults still work
+        return self._last
 
     def close(self) -> None:
+        self._release_last()
         self._handle = None
 
-    def _open(self) -> None:
-        self._handle = None  # drop the old map first
-        self._read_since_open = 0
-        self._handle = _open_safetensors(self.path) if self.is_safetensors else _open_pickle(self.path)
+    def _release_last(self) -> None:
+        """Drop the pages of the last tensor read from our resident set. The map is private and never
+        written, so the kernel just reads them from the file again if anything touches them."""
+        if self._last is not None:
+            self._advise(self._last, MADV_DONTNEED)
+            self._last = None
 
-    def _tensor(self, name: str) -> torch.Tensor:
-        return self._handle.get_tensor(name) if self.is_safetensors else self._handle[name]
+    @staticmethod
+    def _advise(tensor: torch.Tensor, advice: int) -> None:
+        if tensor.numel() == 0:
+            return
+        start = tensor.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
+        end = tensor.data_ptr() + tensor.numel() * tensor.element_size()
+        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), advice)
 
 
 def _open_safetensors(path: Path):
@@ -87,11 +109,9 @@ def _open_pickle(path: Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as error:
         reason = str(error).strip().splitlines()[0]
         raise ConversionError(f"{path}: refused to unpickle, the file holds more than tensors ({reason})") from None
-    except RuntimeError as error:
+    except (RuntimeError, OSError, EOFError, ValueError) as error:
         reason = str(error).strip().splitlines()[0]
         raise ConversionError(f"{path}: not a readable torch file (truncated or corrupted?): {reason}") from None
-    except (OSError, EOFError, ValueError) as error:
-        raise ConversionError(f"{path}: not a readable torch file (truncated or corrupted?): {error}") from None
     if not isinstance(state, dict) or not all(
         isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()
     ):
