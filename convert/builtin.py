@@ -91,27 +91,36 @@ def build(out: Path, size: str = "tiny", weights: str = "bin", seed: int = 0) ->
     torch.manual_seed(seed)
 
     unet = UNet2DConditionModel.from_config(unet_config(size))
-    _save(out / "unet", "diffusers", weights, _perturbed(unet), unet_config(size))
+    _save(out / "unet", "diffusers", weights, _perturbed(unet))
     del unet
 
     vae = AutoencoderKL.from_config(vae_config(size))
-    _save(out / "vae", "diffusers", weights, _legacy_vae_names(_perturbed(vae)), vae_config(size))
+    _save(out / "vae", "diffusers", weights, _legacy_vae_names(_perturbed(vae)))
     del vae
 
     text = CLIPTextModel(text_config(size))
     state = _perturbed(text)
     state["text_model.embeddings.position_ids"] = torch.arange(77).unsqueeze(0)
-    _save(out / "text_encoder", "transformers", weights, state, _transformers_json(text.config, "CLIPTextModel"))
+    _save(out / "text_encoder", "transformers", weights, state)
     del text, state
 
     checker = StableDiffusionSafetyChecker(safety_config(size))
     state = _perturbed(checker)
     patches = (224 // 14) ** 2 + 1
     state["vision_model.vision_model.embeddings.position_ids"] = torch.arange(patches).unsqueeze(0)
-    _save(out / "safety_checker", "transformers", weights, state,
-          _transformers_json(checker.config, "StableDiffusionSafetyChecker"))
+    _save(out / "safety_checker", "transformers", weights, state)
+    _write_json(out / "safety_checker" / "config.json", _transformers_json(checker.config, "StableDiffusionSafetyChecker"))
     del checker, state
 
+    write_configs(out, size)
+    return out
+
+
+def write_configs(out: Path, size: str, safety_checker: bool = True) -> None:
+    """Everything of the repo but the weights: configs, tokenizer, scheduler, model_index.json."""
+    for name, config in (("unet", unet_config(size)), ("vae", vae_config(size)),
+                         ("text_encoder", _transformers_json(text_config(size), "CLIPTextModel"))):
+        _write_json(out / name / "config.json", config)
     _write_tokenizer(out / "tokenizer")
     _write_json(out / "scheduler" / "scheduler_config.json", {
         "_class_name": "PNDMScheduler", "_diffusers_version": DIFFUSERS_VERSION, "beta_end": 0.012,
@@ -127,14 +136,13 @@ def build(out: Path, size: str = "tiny", weights: str = "bin", seed: int = 0) ->
     _write_json(out / "model_index.json", {
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": DIFFUSERS_VERSION,
         "feature_extractor": ["transformers", "CLIPFeatureExtractor"],
-        "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+        "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"] if safety_checker else [None, None],
         "scheduler": ["diffusers", "PNDMScheduler"],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     })
-    return out
 
 
 @torch.no_grad()
@@ -166,7 +174,7 @@ def _transformers_json(config, architecture: str) -> dict:
     return data
 
 
-def _save(folder: Path, family: str, weights: str, state: dict, config: dict) -> None:
+def _save(folder: Path, family: str, weights: str, state: dict) -> None:
     folder.mkdir()
     state = {name: tensor.contiguous() for name, tensor in state.items()}
     if weights == "safetensors":
@@ -175,7 +183,6 @@ def _save(folder: Path, family: str, weights: str, state: dict, config: dict) ->
         save_file(state, folder / WEIGHT_FILES[family][0], metadata={"format": "pt"})
     else:
         torch.save(state, folder / WEIGHT_FILES[family][2])
-    _write_json(folder / "config.json", config)
 
 
 def _write_tokenizer(folder: Path) -> None:
@@ -190,7 +197,7 @@ def _write_tokenizer(folder: Path) -> None:
     byte_tokens = list(bytes_to_unicode().values())
     tokens = byte_tokens + [token + "</w>" for token in byte_tokens]
     tokens += ["".join(merge.split()) for merge in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir()
+    folder.mkdir(parents=True)
     _write_json(folder / "vocab.json", {token: index for index, token in enumerate(tokens)})
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
 import shutil
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,6 +20,7 @@ from tqdm import tqdm
 from convert import configs
 from convert.components import PARTS, PIPELINES, SCHEDULER_CONFIG, Part
 from convert.errors import ConversionError
+from convert.ldm import SingleFileSource
 from convert.output import atomic_folder, check_destination
 from convert.source import read_json, resolve, weight_files
 from convert.target import expected_tensors
@@ -28,10 +31,28 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16}
 REPORT_NAME = "conversion_report.json"
 
 
+@dataclass(frozen=True)
+class SourceTensor:
+    """One tensor of the source as diffusers names it, and where its data lies."""
+
+    file: TensorFile
+    file_name: str  # its name inside `file`
+    name: str  # its diffusers name
+    squeeze: bool = False  # stored as a 1x1 conv [C, C, 1, 1] for a linear [C, C] (LDM VAE attention)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = self.file.shapes[self.file_name]
+        return shape[:2] if self.squeeze else shape
+
+    @property
+    def where(self) -> str:
+        return f"{self.file.path}: tensor {self.file_name!r}"
+
+
 @dataclass
 class Move:
-    file: TensorFile
-    source_name: str
+    source: SourceTensor
     target_name: str
     transpose: bool
 
@@ -46,7 +67,7 @@ class PartPlan:
     dropped: list[str] = field(default_factory=list)
 
     def nbytes(self, dtype: torch.dtype) -> int:
-        return sum(dtype.itemsize * _numel(m.file.shapes[m.source_name]) for m in self.moves)
+        return sum(dtype.itemsize * _numel(m.source.shape) for m in self.moves)
 
 
 def read_pipeline(folder: Path) -> tuple[str, dict[str, Part | None]]:
@@ -87,67 +108,99 @@ def _paddle_part(folder: Path, name: str, entry) -> Part:
     return part
 
 
-def plan_part(folder: Path, name: str, part: Part) -> PartPlan:
+def folder_tensors(folder: Path, part: Part) -> tuple[list[TensorFile], list[SourceTensor]]:
+    """The weights of one part of a diffusers folder."""
+    files = [TensorFile(path) for path in weight_files(folder, part.weights_family)]
+    return files, [SourceTensor(file, name, name) for file in files for name in file.shapes]
+
+
+def plan_part(name: str, part: Part, config_path: Path, files: list[TensorFile], tensors: list[SourceTensor]) -> PartPlan:
     """Map every source tensor of one part onto the Paddle model, or fail naming the tensor."""
-    part_folder = folder / name
-    config_path = part_folder / part.config_file
-    if not part_folder.is_dir():
-        raise ConversionError(f"{part_folder}: component folder missing")
     config = read_json(config_path)
     expected = expected_tensors(part, config, str(config_path))
-    files = [TensorFile(path) for path in weight_files(part_folder, part.weights_family)]
     plan = PartPlan(name, part, config, files)
     sources: dict[str, str] = {}
-    for file in files:
-        for source_name, shape in file.shapes.items():
-            where = f"{file.path}: tensor {source_name!r}"
-            if any(re.search(pattern, source_name) for pattern in part.drops):
-                plan.dropped.append(source_name)
-                continue
-            target_name = _rename(source_name, part.renames)
-            target = expected.get(target_name)
-            if target is None:
-                raise ConversionError(f"{where}: unknown tensor, {part.paddle_class} has no {target_name!r}")
-            if target_name in sources:
-                raise ConversionError(f"{where}: maps to {target_name!r}, already given by {sources[target_name]!r}")
-            if not (file.dtypes[source_name] and file.dtypes[source_name].is_floating_point):
-                raise ConversionError(f"{where}: dtype {file.dtypes[source_name]} is not a floating point weight")
-            transpose = target.linear_weight and len(shape) == 2
-            got = tuple(reversed(shape)) if transpose else shape
-            if got != target.shape:
-                raise ConversionError(
-                    f"{where}: shape {list(shape)} disagrees with {config_path.name}, which gives "
-                    f"{target_name} shape {list(reversed(target.shape)) if transpose else list(target.shape)}"
-                )
-            sources[target_name] = source_name
-            plan.moves.append(Move(file, source_name, target_name, transpose))
+    for tensor in tensors:
+        if any(re.search(pattern, tensor.name) for pattern in part.drops):
+            plan.dropped.append(tensor.file_name)
+            continue
+        target_name = _rename(tensor.name, part.renames)
+        target = expected.get(target_name)
+        if target is None:
+            raise ConversionError(f"{tensor.where}: unknown tensor, {part.paddle_class} has no {target_name!r}")
+        if target_name in sources:
+            raise ConversionError(f"{tensor.where}: maps to {target_name!r}, already given by {sources[target_name]!r}")
+        dtype = tensor.file.dtypes[tensor.file_name]
+        if not (dtype and dtype.is_floating_point):
+            raise ConversionError(f"{tensor.where}: dtype {dtype} is not a floating point weight")
+        transpose = target.linear_weight and len(tensor.shape) == 2
+        got = tuple(reversed(tensor.shape)) if transpose else tensor.shape
+        if got != target.shape:
+            raise ConversionError(
+                f"{tensor.where}: shape {list(tensor.file.shapes[tensor.file_name])} disagrees with "
+                f"{config_path.name}, which gives {target_name} shape "
+                f"{list(reversed(target.shape)) if transpose else list(target.shape)}"
+            )
+        sources[target_name] = tensor.file_name
+        plan.moves.append(Move(tensor, target_name, transpose))
     missing = [name for name in expected if name not in sources]
     if missing:
-        raise ConversionError(f"{part_folder}: {len(missing)} tensor(s) missing from the weights, first {missing[0]!r}")
+        raise ConversionError(f"{config_path.parent}: {len(missing)} tensor(s) missing from the weights, first {missing[0]!r}")
     return plan
 
 
-def convert_library(src: str, out: Path, dtype: str = "float32", overwrite: bool = False, quiet: bool = False, check=None) -> dict:
-    """Convert `src` (folder or Hub id) into a ppdiffusers library at `out`; returns the report.
-    `check(staging_folder, report)` runs before the output is moved into place (the parity run);
-    it raises to abandon the output."""
+def convert_library(src: str, out: Path, dtype: str = "float32", overwrite: bool = False, quiet: bool = False,
+                    check=None, config: str | None = None, ema: bool = False) -> dict:
+    """Convert `src` (diffusers folder, Hub id or single-file checkpoint) into a ppdiffusers library at
+    `out`; returns the report. A single file takes its configs, tokenizer and scheduler from `config`
+    (a diffusers or ppdiffusers folder or Hub id) or, without one, from the built-in SD v1 configs;
+    `ema` picks its EMA UNet weights. `check(staging_folder, report)` runs before the output is moved
+    into place (the parity run); it raises to abandon the output."""
     started = time.perf_counter()
     out = Path(out)
     check_destination(out.absolute(), overwrite)
-    folder = resolve(src)
-    if folder.absolute() == out.absolute():
-        raise ConversionError(f"{out}: the output folder cannot be the source folder")
-    pipeline, parts = read_pipeline(folder)
-    plans = [plan_part(folder, name, part) for name, part in parts.items() if part is not None and part.weights_family]
+    with contextlib.ExitStack() as stack:
+        single = None
+        if Path(src).is_file():
+            single = SingleFileSource(TensorFile(Path(src)), ema)
+            folder = resolve(config) if config else _builtin_configs(stack)
+        elif config or ema:
+            raise ConversionError("--config and --ema apply to single-file sources only")
+        else:
+            folder = resolve(src)
+        if folder.absolute() == out.absolute():
+            raise ConversionError(f"{out}: the output folder cannot be the source folder")
+        pipeline, parts = read_pipeline(folder)
+        if single is not None and "safety_checker" in parts:
+            parts["safety_checker"] = None  # a single-file checkpoint carries no safety checker
+        plans = []
+        for name, part in parts.items():
+            if part is None or not part.weights_family:
+                continue
+            config_path = folder / name / part.config_file
+            if single is None:
+                files, tensors = folder_tensors(folder / name, part)
+            else:
+                files, tensors = [single.file], single.tensors(name, read_json(config_path))
+            plans.append(plan_part(name, part, config_path, files, tensors))
+        report = {
+            "source": str(src),
+            "source_folder": str(folder) if single is None else None,
+            "config_folder": str(config) if config else ("built-in SD v1" if single else None),
+            "pipeline": pipeline,
+            "dtype": dtype,
+            "converter": f"riffusion-paddle convert (ppdiffusers {configs.PPDIFFUSERS_VERSION})",
+            "parts": {},
+        }
+        if single is not None:
+            report["single_file"] = {"ema": ema, "dropped": single.dropped()}
+        _write_library(plans, folder, parts, out, overwrite, dtype, quiet, check, report)
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    return report
+
+
+def _write_library(plans, folder, parts, out, overwrite, dtype, quiet, check, report) -> None:
     target_dtype = DTYPES[dtype]
-    report = {
-        "source": str(src),
-        "source_folder": str(folder),
-        "pipeline": pipeline,
-        "dtype": dtype,
-        "converter": f"riffusion-paddle convert (ppdiffusers {configs.PPDIFFUSERS_VERSION})",
-        "parts": {},
-    }
     with atomic_folder(out, overwrite) as staging, ThreadPoolExecutor(max_workers=1) as hasher:
         hashes = {file.path: hasher.submit(_sha256, file.path) for plan in plans for file in plan.files}
         total = sum(plan.nbytes(target_dtype) for plan in plans)
@@ -164,11 +217,17 @@ def convert_library(src: str, out: Path, dtype: str = "float32", overwrite: bool
             for file in plan.files:
                 file.close()
         report["copied"] = [name for name, part in parts.items() if part is not None and not part.weights_family]
-        report["seconds"] = round(time.perf_counter() - started, 3)
         if check is not None:
             check(staging, report)
         _write_json(staging / REPORT_NAME, report)
-    return report
+
+
+def _builtin_configs(stack: contextlib.ExitStack) -> Path:
+    from convert.builtin import write_configs
+
+    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sd-v1-configs-")))
+    write_configs(folder, "full", safety_checker=False)
+    return folder
 
 
 def _write_part(plan: PartPlan, staging: Path, target_dtype: torch.dtype, dtype_name: str, progress) -> dict:
@@ -179,7 +238,9 @@ def _write_part(plan: PartPlan, staging: Path, target_dtype: torch.dtype, dtype_
     writer = StreamingSafetensorsWriter(part_out / plan.part.paddle_weights, layout, {"format": plan.part.weights_format})
     try:
         for move in plan.moves:
-            tensor = move.file.read(move.source_name)
+            tensor = move.source.file.read(move.source.file_name)
+            if move.source.squeeze:
+                tensor = tensor[:, :, 0, 0]
             if move.transpose:
                 tensor = tensor.t().contiguous()  # torch's transpose copy is about 2x numpy's here
             tensor = tensor.to(target_dtype)
@@ -198,7 +259,7 @@ def _write_part(plan: PartPlan, staging: Path, target_dtype: torch.dtype, dtype_
         "tensors_in": sum(len(file.shapes) for file in plan.files),
         "mapped": len(plan.moves),
         "transposed": sum(m.transpose for m in plan.moves),
-        "renamed": sum(m.source_name != m.target_name for m in plan.moves),
+        "renamed": sum(m.source.file_name != m.target_name for m in plan.moves),
         "dropped": plan.dropped,
         "bytes_written": (part_out / plan.part.paddle_weights).stat().st_size,
         "seconds": round(time.perf_counter() - started, 3),
@@ -228,6 +289,8 @@ def _model_index(folder: Path, parts: dict[str, Part | None]) -> dict:
     index = configs.diffusers_config(read_json(folder / "model_index.json"))
     for name, part in parts.items():
         index[name] = [None, None] if part is None else [part.paddle_library, part.paddle_class]
+    if parts.get("safety_checker", "absent") is None:
+        index["requires_safety_checker"] = False
     return index
 
 
@@ -244,8 +307,7 @@ def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
 
 
 def _target_shape(move: Move) -> tuple[int, ...]:
-    shape = move.file.shapes[move.source_name]
-    return tuple(reversed(shape)) if move.transpose else shape
+    return tuple(reversed(move.source.shape)) if move.transpose else move.source.shape
 
 
 def _numel(shape) -> int:

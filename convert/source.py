@@ -35,7 +35,7 @@ def resolve(src: str, revision: str | None = None) -> Path:
             raise ConversionError(f"{path}: no model_index.json, not a diffusers-format model folder")
         return path
     if path.exists():
-        raise ConversionError(f"{path}: a single-file checkpoint is not a diffusers folder; use a folder or a Hub id")
+        raise ConversionError(f"{path}: not a folder")
     if not HUB_ID.match(src):
         raise ConversionError(f"{src}: no such folder, and not a Hub repo id (owner/name)")
     return _download(src, revision)

@@ -112,6 +112,8 @@ def _open_pickle(path: Path) -> dict[str, torch.Tensor]:
     except (RuntimeError, OSError, EOFError, ValueError) as error:
         reason = str(error).strip().splitlines()[0]
         raise ConversionError(f"{path}: not a readable torch file (truncated or corrupted?): {reason}") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]  # a training checkpoint (.ckpt): {"state_dict": ..., "global_step": ...}
     if not isinstance(state, dict) or not all(
         isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()
     ):
