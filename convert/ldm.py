@@ -179,3 +179,42 @@ class SingleFileSource:
             if not known:
                 raise ConversionError(f"{self.file.path}: tensor {name!r}: unknown key")
         return left
+
+
+def original_config(unet: dict, vae: dict, scheduler: dict) -> dict:
+    """The original code's model config (v1-inference.yaml) for these diffusers configs: what
+    ppdiffusers' and diffusers' from_single_file, and WebUI-style tools (as `<checkpoint>.yaml`), read."""
+    unet_channels = unet["block_out_channels"]
+    vae_channels = vae["block_out_channels"]
+    attention_levels = [2**i for i, kind in enumerate(unet["down_block_types"]) if "CrossAttn" in kind]
+    return {"model": {
+        "target": "ldm.models.diffusion.ddpm.LatentDiffusion",
+        "params": {
+            "linear_start": scheduler["beta_start"], "linear_end": scheduler["beta_end"],
+            "timesteps": scheduler["num_train_timesteps"], "num_timesteps_cond": 1, "log_every_t": 200,
+            "first_stage_key": "jpg", "cond_stage_key": "txt", "image_size": unet["sample_size"],
+            "channels": unet["in_channels"], "cond_stage_trainable": False, "conditioning_key": "crossattn",
+            "monitor": "val/loss_simple_ema", "scale_factor": vae.get("scaling_factor", 0.18215), "use_ema": False,
+            "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": {
+                "image_size": unet["sample_size"], "in_channels": unet["in_channels"],
+                "out_channels": unet["out_channels"], "model_channels": unet_channels[0],
+                "attention_resolutions": sorted(attention_levels, reverse=True),
+                "num_res_blocks": unet["layers_per_block"],
+                "channel_mult": [c // unet_channels[0] for c in unet_channels],
+                "num_heads": unet["attention_head_dim"], "use_spatial_transformer": True,
+                "transformer_depth": 1, "context_dim": unet["cross_attention_dim"], "use_checkpoint": True,
+                "legacy": False,
+            }},
+            "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
+                "embed_dim": vae["latent_channels"], "monitor": "val/rec_loss",
+                "ddconfig": {
+                    "double_z": True, "z_channels": vae["latent_channels"], "resolution": 256,
+                    "in_channels": vae["in_channels"], "out_ch": vae["out_channels"], "ch": vae_channels[0],
+                    "ch_mult": [c // vae_channels[0] for c in vae_channels],
+                    "num_res_blocks": vae["layers_per_block"], "attn_resolutions": [], "dropout": 0.0,
+                },
+                "lossconfig": {"target": "torch.nn.Identity"},
+            }},
+            "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"},
+        },
+    }}

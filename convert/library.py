@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from convert import configs
 from convert.components import PARTS, PIPELINES, SCHEDULER_CONFIG, Part
 from convert.errors import ConversionError
 from convert.ldm import SingleFileSource
-from convert.output import atomic_folder, check_destination
+from convert.output import atomic_folder, check_apart, check_destination
 from convert.source import read_json, resolve, weight_files
 from convert.target import expected_tensors
 from convert.tensorfile import TensorFile
@@ -39,6 +40,7 @@ class SourceTensor:
     file_name: str  # its name inside `file`
     name: str  # its diffusers name
     squeeze: bool = False  # stored as a 1x1 conv [C, C, 1, 1] for a linear [C, C] (LDM VAE attention)
+    paddle_layout: bool = False  # linear weights already [in, out] (a converted library)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -54,7 +56,12 @@ class SourceTensor:
 class Move:
     source: SourceTensor
     target_name: str
-    transpose: bool
+    linear: bool  # a linear weight: [out, in] in torch, [in, out] in Paddle
+
+    @property
+    def transpose(self) -> bool:
+        """Whether carrying the source into Paddle layout transposes it."""
+        return self.linear and not self.source.paddle_layout
 
 
 @dataclass
@@ -133,16 +140,17 @@ def plan_part(name: str, part: Part, config_path: Path, files: list[TensorFile],
         dtype = tensor.file.dtypes[tensor.file_name]
         if not (dtype and dtype.is_floating_point):
             raise ConversionError(f"{tensor.where}: dtype {dtype} is not a floating point weight")
-        transpose = target.linear_weight and len(tensor.shape) == 2
+        linear = target.linear_weight and len(tensor.shape) == 2
+        transpose = linear and not tensor.paddle_layout
         got = tuple(reversed(tensor.shape)) if transpose else tensor.shape
         if got != target.shape:
             raise ConversionError(
                 f"{tensor.where}: shape {list(tensor.file.shapes[tensor.file_name])} disagrees with "
-                f"{config_path.name}, which gives {target_name} shape "
+                f"{config_path.parent.name}/{config_path.name}, which gives {target_name} shape "
                 f"{list(reversed(target.shape)) if transpose else list(target.shape)}"
             )
         sources[target_name] = tensor.file_name
-        plan.moves.append(Move(tensor, target_name, transpose))
+        plan.moves.append(Move(tensor, target_name, linear))
     missing = [name for name in expected if name not in sources]
     if missing:
         raise ConversionError(f"{config_path.parent}: {len(missing)} tensor(s) missing from the weights, first {missing[0]!r}")
@@ -168,8 +176,7 @@ def convert_library(src: str, out: Path, dtype: str = "float32", overwrite: bool
             raise ConversionError("--config and --ema apply to single-file sources only")
         else:
             folder = resolve(src)
-        if folder.absolute() == out.absolute():
-            raise ConversionError(f"{out}: the output folder cannot be the source folder")
+        check_apart(out, folder, *([single.file.path] if single else []))
         pipeline, parts = read_pipeline(folder)
         if single is not None and "safety_checker" in parts:
             parts["safety_checker"] = None  # a single-file checkpoint carries no safety checker
@@ -200,26 +207,35 @@ def convert_library(src: str, out: Path, dtype: str = "float32", overwrite: bool
 
 
 def _write_library(plans, folder, parts, out, overwrite, dtype, quiet, check, report) -> None:
-    target_dtype = DTYPES[dtype]
+    cancelled = threading.Event()
     with atomic_folder(out, overwrite) as staging, ThreadPoolExecutor(max_workers=1) as hasher:
-        hashes = {file.path: hasher.submit(_sha256, file.path) for plan in plans for file in plan.files}
-        total = sum(plan.nbytes(target_dtype) for plan in plans)
-        with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=quiet) as progress:
-            for plan in plans:
-                report["parts"][plan.name] = _write_part(plan, staging, target_dtype, dtype, progress)
-        for name, part in parts.items():
-            if part is None or not part.weights_family:
-                _copy_part(folder, staging, name, part)
-        _write_json(staging / "model_index.json", _model_index(folder, parts))
+        hashes = {file.path: hasher.submit(_sha256, file.path, cancelled) for plan in plans for file in plan.files}
+        try:
+            _write_all(plans, folder, parts, staging, dtype, quiet, check, report, hashes)
+        except BaseException:
+            cancelled.set()  # report the error now, not after hashing gigabytes
+            raise
+
+
+def _write_all(plans, folder, parts, staging, dtype, quiet, check, report, hashes) -> None:
+    target_dtype = DTYPES[dtype]
+    total = sum(plan.nbytes(target_dtype) for plan in plans)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=quiet) as progress:
         for plan in plans:
-            for entry in report["parts"][plan.name]["files"]:
-                entry["sha256"] = hashes[Path(entry["path"])].result()
-            for file in plan.files:
-                file.close()
-        report["copied"] = [name for name, part in parts.items() if part is not None and not part.weights_family]
-        if check is not None:
-            check(staging, report)
-        _write_json(staging / REPORT_NAME, report)
+            report["parts"][plan.name] = _write_part(plan, staging, target_dtype, dtype, progress)
+    for name, part in parts.items():
+        if part is None or not part.weights_family:
+            _copy_part(folder, staging, name, part)
+    _write_json(staging / "model_index.json", _model_index(folder, parts))
+    for plan in plans:
+        for entry in report["parts"][plan.name]["files"]:
+            entry["sha256"] = hashes[Path(entry["path"])].result()
+        for file in plan.files:
+            file.close()
+    report["copied"] = [name for name, part in parts.items() if part is not None and not part.weights_family]
+    if check is not None:
+        check(staging, report)
+    _write_json(staging / REPORT_NAME, report)
 
 
 def _builtin_configs(stack: contextlib.ExitStack) -> Path:
@@ -314,10 +330,12 @@ def _numel(shape) -> int:
     return int(np.prod(shape, dtype=np.int64))
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, cancelled: threading.Event) -> str | None:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(8 * 2**20):
+            if cancelled.is_set():
+                return None
             digest.update(chunk)
     return digest.hexdigest()
 

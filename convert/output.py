@@ -17,6 +17,15 @@ def check_destination(out: Path, overwrite: bool) -> None:
         raise ConversionError(f"{out}: not empty (pass --overwrite to replace it)")
 
 
+def check_apart(out: Path, *sources: Path) -> None:
+    """Refuse an output that is, holds or lies inside a source: --overwrite would delete it."""
+    out = Path(out).resolve()
+    for source in sources:
+        source = Path(source).resolve()
+        if out == source or out in source.parents or source in out.parents:
+            raise ConversionError(f"{out}: the output overlaps the source {source}")
+
+
 @contextlib.contextmanager
 def atomic_folder(out: Path, overwrite: bool):
     """Yield a temporary folder beside `out`; on success it replaces `out`, on failure it is removed."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import pickle
+import sys
 import zipfile
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from convert.errors import ConversionError
 REMAP_BYTES = 64 * 2**20
 MADV_DONTNEED = 4  # Linux
 MADV_POPULATE_READ = 22  # Linux 5.14+: map a range in one call instead of one page fault per 4 KiB
-_LIBC = ctypes.CDLL(None, use_errno=True)
+# Elsewhere the advice is skipped: reading still works, only without the memory bound.
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -81,7 +83,7 @@ class TensorFile:
 
     @staticmethod
     def _advise(tensor: torch.Tensor, advice: int) -> None:
-        if tensor.numel() == 0:
+        if _LIBC is None or tensor.numel() == 0:
             return
         start = tensor.data_ptr() // mmap.PAGESIZE * mmap.PAGESIZE
         end = tensor.data_ptr() + tensor.numel() * tensor.element_size()

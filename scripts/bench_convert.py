@@ -136,18 +136,16 @@ def run(source: Path, work: Path, skip_ppdiffusers: bool) -> dict:
         if path.exists():
             raise SystemExit(f"error: {path} already exists")
     print(f"source {source}: {folder_bytes(source) / 1e9:.2f} GB", flush=True)
-    steps = [
-        measure("(a) cp -r", ["cp", "-r", str(source), str(copy)]),
-        measure("(b) python -m convert", [sys.executable, "-m", "convert", "--src", str(source), "--out", str(out),
-                                          "--no-check", "--quiet"]),
-    ]
+    floor = measure("(a) cp -r", ["cp", "-r", str(source), str(copy)])
+    if not floor.ok:
+        raise SystemExit(f"cp -r failed: {floor.error}")
+    convert = measure("(b) python -m convert", [sys.executable, "-m", "convert", "--src", str(source), "--out", str(out),
+                                                "--no-check", "--quiet"])
+    steps = [floor, convert]
     failed_pipeline = None
     if not skip_ppdiffusers:
         measured, failed_pipeline = ppdiffusers_route(copy, out_ppdiffusers)
         steps.append(measured)
-    floor, convert = steps[0], steps[1]
-    if not floor.ok:
-        raise SystemExit(f"cp -r failed: {floor.error}")
 
     print_table(steps, floor)
     print("source warm in page cache for all three steps (nothing dropped; dirty pages synced before each, untimed)")

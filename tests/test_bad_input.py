@@ -72,7 +72,7 @@ def test_tensor_shape_disagrees_with_config(repo_copy, tmp_path, capsys):
     name = "conv_in.weight"
     edit_state(repo_copy / UNET_BIN, lambda s: s.__setitem__(name, torch.zeros(16, 4, 3, 3)))
     error = convert_fails(repo_copy, tmp_path, capsys)
-    assert f"{repo_copy / UNET_BIN}: tensor 'conv_in.weight': shape [16, 4, 3, 3] disagrees with config.json" in error
+    assert f"{repo_copy / UNET_BIN}: tensor 'conv_in.weight': shape [16, 4, 3, 3] disagrees with unet/config.json" in error
     assert "[32, 4, 3, 3]" in error
 
 
@@ -141,3 +141,14 @@ def test_legacy_non_zip_pickle_gets_a_clear_error(repo_copy, tmp_path, capsys):
     path = repo_copy / UNET_BIN
     torch.save(torch.load(path, weights_only=True), path, _use_new_zipfile_serialization=False)
     assert f"{path}: legacy (pre-zip) torch pickle" in convert_fails(repo_copy, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("out", ["same", "dotdot", "symlink", "parent"])
+def test_output_overlapping_the_source_is_refused_even_with_overwrite(repo_copy, tmp_path, capsys, out):
+    (tmp_path / "link").symlink_to(repo_copy)
+    target = {"same": repo_copy, "dotdot": tmp_path / "x" / ".." / repo_copy.name,
+              "symlink": tmp_path / "link", "parent": tmp_path}[out]
+    before = sorted(p.name for p in repo_copy.rglob("*"))
+    assert main(["--src", str(repo_copy), "--out", str(target), "--overwrite", "--quiet"]) == 1
+    assert "overlaps the source" in capsys.readouterr().err
+    assert sorted(p.name for p in repo_copy.rglob("*")) == before
