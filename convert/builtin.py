@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from convert.errors import ConversionError
 from convert.source import WEIGHT_FILES
 
 SIZES = {
@@ -191,7 +192,8 @@ def _write_tokenizer(folder: Path) -> None:
 
     spec = importlib.util.find_spec("open_clip")
     if spec is None:
-        raise SystemExit("the CLIP BPE merges come from the open-clip-torch wheel: pip install --no-deps open-clip-torch")
+        raise ConversionError("the built-in CLIP tokenizer needs the BPE merges of the open-clip-torch wheel: "
+                              "pip install --no-deps open-clip-torch (or pass --config)")
     bpe = Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
     merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
     byte_tokens = list(bytes_to_unicode().values())

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import re
 import shutil
 import tempfile
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +18,7 @@ from tqdm import tqdm
 from convert import configs
 from convert.components import PARTS, PIPELINES, SCHEDULER_CONFIG, Part
 from convert.errors import ConversionError
+from convert.hashing import Hasher
 from convert.ldm import SingleFileSource
 from convert.output import atomic_folder, check_apart, check_destination
 from convert.source import read_json, resolve, weight_files
@@ -207,17 +205,21 @@ def convert_library(src: str, out: Path, dtype: str = "float32", overwrite: bool
 
 
 def _write_library(plans, folder, parts, out, overwrite, dtype, quiet, check, report) -> None:
-    cancelled = threading.Event()
-    with atomic_folder(out, overwrite) as staging, ThreadPoolExecutor(max_workers=1) as hasher:
-        hashes = {file.path: hasher.submit(_sha256, file.path, cancelled) for plan in plans for file in plan.files}
-        try:
-            _write_all(plans, folder, parts, staging, dtype, quiet, check, report, hashes)
-        except BaseException:
-            cancelled.set()  # report the error now, not after hashing gigabytes
-            raise
+    hasher = Hasher()  # sha256 of the sources for the report, on the other core while converting
+    for plan in plans:
+        for file in plan.files:
+            hasher.submit(file.path)
+    try:
+        with atomic_folder(out, overwrite) as staging:
+            _write_all(plans, folder, parts, staging, dtype, quiet, check, report, hasher)
+    except BaseException:
+        hasher.cancel()
+        raise
+    finally:
+        hasher.close()
 
 
-def _write_all(plans, folder, parts, staging, dtype, quiet, check, report, hashes) -> None:
+def _write_all(plans, folder, parts, staging, dtype, quiet, check, report, hasher: Hasher) -> None:
     target_dtype = DTYPES[dtype]
     total = sum(plan.nbytes(target_dtype) for plan in plans)
     with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=quiet) as progress:
@@ -229,7 +231,7 @@ def _write_all(plans, folder, parts, staging, dtype, quiet, check, report, hashe
     _write_json(staging / "model_index.json", _model_index(folder, parts))
     for plan in plans:
         for entry in report["parts"][plan.name]["files"]:
-            entry["sha256"] = hashes[Path(entry["path"])].result()
+            entry["sha256"] = hasher.result(Path(entry["path"]))
         for file in plan.files:
             file.close()
     report["copied"] = [name for name, part in parts.items() if part is not None and not part.weights_family]
@@ -328,16 +330,6 @@ def _target_shape(move: Move) -> tuple[int, ...]:
 
 def _numel(shape) -> int:
     return int(np.prod(shape, dtype=np.int64))
-
-
-def _sha256(path: Path, cancelled: threading.Event) -> str | None:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(8 * 2**20):
-            if cancelled.is_set():
-                return None
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _write_json(path: Path, data: dict) -> None:
