@@ -1,0 +1,142 @@
+"""Riffusion on ppdiffusers: text to spectrogram image, and interpolation between two prompts/seeds.
+
+Interpolation follows riffusion-hobby's pipeline (FACTS.md section 5): the text embeddings, guidance
+and denoising strength are lerped at `alpha`, the two seeds' noises slerped, and the result denoised
+img2img from a seed image, optionally keeping the part a mask image marks black.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import numpy as np
+import paddle
+from PIL import Image
+
+
+@dataclass(frozen=True)
+class PromptInput:
+    prompt: str
+    seed: int = 0
+    negative_prompt: str | None = None
+    denoising: float = 0.75
+    guidance: float = 7.0
+
+
+def lerp(a, b, alpha: float):
+    return a + (b - a) * alpha
+
+
+def slerp(alpha: float, v0: np.ndarray, v1: np.ndarray, dot_threshold: float = 0.9995) -> np.ndarray:
+    """Spherical interpolation of two noise tensors; nearly parallel ones are lerped."""
+    a, b = v0.astype(np.float64), v1.astype(np.float64)
+    dot = float(np.sum(a * b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+    if abs(dot) > dot_threshold:
+        return lerp(a, b, alpha).astype(v0.dtype)
+    theta = np.arccos(dot)
+    mixed = (np.sin(theta * (1 - alpha)) * a + np.sin(theta * alpha) * b) / np.sin(theta)
+    return mixed.astype(v0.dtype)
+
+
+class RiffusionPipeline:
+    """Wraps a ppdiffusers StableDiffusionPipeline (its components may be static or ONNX runtimes)."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.pipe.set_progress_bar_config(disable=True)
+
+    @classmethod
+    def from_pretrained(cls, checkpoint: str) -> "RiffusionPipeline":
+        from ppdiffusers import StableDiffusionPipeline
+
+        # Spectrograms are not photographs: riffusion-hobby runs without the NSFW image filter too.
+        pipe = StableDiffusionPipeline.from_pretrained(str(checkpoint), safety_checker=None, requires_safety_checker=False,
+                                                       paddle_dtype=paddle.float32)
+        return cls(pipe)
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.pipe.vae.config.block_out_channels) - 1)
+
+    def text_to_image(self, prompt: str, *, negative_prompt: str | None = None, seed: int = 0,
+                      num_inference_steps: int = 50, guidance: float = 7.0, width: int = 512,
+                      height: int = 512) -> Image.Image:
+        generator = paddle.Generator().manual_seed(seed)
+        return self.pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+                         guidance_scale=guidance, width=width, height=height, generator=generator).images[0]
+
+    def interpolate(self, start: PromptInput, end: PromptInput, alpha: float, init_image: Image.Image,
+                    mask_image: Image.Image | None = None, num_inference_steps: int = 50) -> Image.Image:
+        latents = self.interpolate_latents(start, end, alpha, init_image, mask_image, num_inference_steps)
+        return self.decode(latents)
+
+    @paddle.no_grad()
+    def interpolate_latents(self, start: PromptInput, end: PromptInput, alpha: float, init_image: Image.Image,
+                            mask_image: Image.Image | None = None, num_inference_steps: int = 50) -> paddle.Tensor:
+        from ppdiffusers.utils.paddle_utils import randn_tensor
+
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        pipe, scheduler = self.pipe, self.pipe.scheduler
+        text = lerp(self._embed(start.prompt), self._embed(end.prompt), alpha)
+        uncond = lerp(self._embed(start.negative_prompt or ""), self._embed(end.negative_prompt or ""), alpha)
+        guidance = lerp(start.guidance, end.guidance, alpha)
+        strength = lerp(start.denoising, end.denoising, alpha)
+
+        image = self._image_tensor(init_image)
+        scaling = pipe.vae.config.get("scaling_factor", 0.18215)
+        posterior = pipe.vae.encode(image).latent_dist
+        init_latents = posterior.sample(generator=paddle.Generator().manual_seed(start.seed)) * scaling
+        shape = init_latents.shape
+        noise_start = randn_tensor(shape, generator=paddle.Generator().manual_seed(start.seed), dtype=init_latents.dtype)
+        noise_end = randn_tensor(shape, generator=paddle.Generator().manual_seed(end.seed), dtype=init_latents.dtype)
+        noise = paddle.to_tensor(slerp(alpha, noise_start.numpy(), noise_end.numpy()))
+
+        scheduler.set_timesteps(num_inference_steps)
+        offset = scheduler.config.get("steps_offset", 0)
+        init_timestep = min(int(num_inference_steps * strength) + offset, num_inference_steps)
+        latents = scheduler.add_noise(init_latents, noise, scheduler.timesteps[-init_timestep].reshape([1]))
+        mask = None if mask_image is None else self._mask_tensor(mask_image, shape)
+
+        step_kwargs = {"eta": 0.0} if "eta" in inspect.signature(scheduler.step).parameters else {}
+        context = paddle.concat([uncond, text])
+        t_start = max(num_inference_steps - init_timestep + offset, 0)
+        for t in scheduler.timesteps[t_start:]:
+            model_input = scheduler.scale_model_input(paddle.concat([latents, latents]), t)
+            noise_uncond, noise_text = pipe.unet(model_input, t, encoder_hidden_states=context).sample.chunk(2)
+            noise_pred = noise_uncond + guidance * (noise_text - noise_uncond)
+            latents = scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+            if mask is not None:
+                kept = scheduler.add_noise(init_latents, noise, t.reshape([1]))
+                latents = kept * mask + latents * (1 - mask)
+        return latents
+
+    @paddle.no_grad()
+    def decode(self, latents: paddle.Tensor) -> Image.Image:
+        scaling = self.pipe.vae.config.get("scaling_factor", 0.18215)
+        image = self.pipe.vae.decode(latents / scaling).sample
+        array = (image / 2 + 0.5).clip(0, 1).transpose([0, 2, 3, 1]).numpy()[0]
+        return Image.fromarray((array * 255).round().astype(np.uint8))
+
+    def _embed(self, prompt: str) -> paddle.Tensor:
+        tokenizer = self.pipe.tokenizer
+        ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pd").input_ids
+        return self.pipe.text_encoder(ids)[0]
+
+    def _image_tensor(self, image: Image.Image) -> paddle.Tensor:
+        """RGB, cropped down to a multiple of 32 as riffusion-hobby does, scaled to [-1, 1]."""
+        image = image.convert("RGB")
+        width, height = (side - side % 32 for side in image.size)
+        if (width, height) != image.size:
+            image = image.resize((width, height), resample=Image.LANCZOS)
+        array = np.asarray(image, dtype=np.float32) / 255.0
+        return paddle.to_tensor(array.transpose(2, 0, 1)[None] * 2.0 - 1.0)
+
+    def _mask_tensor(self, mask: Image.Image, latent_shape) -> paddle.Tensor:
+        """1 where the init image is kept (black in the mask), 0 where it is repainted (white)."""
+        height, width = latent_shape[2], latent_shape[3]
+        grey = np.asarray(mask.convert("L").resize((width, height), resample=Image.NEAREST), dtype=np.float32) / 255.0
+        keep = 1.0 - np.broadcast_to(grey, (latent_shape[1], height, width))[None]
+        return paddle.to_tensor(np.ascontiguousarray(keep))

@@ -1,0 +1,66 @@
+"""RiffusionPipeline on a tiny converted library: deterministic for given seeds, interpolation
+endpoints and masks behave as riffusion-hobby's do."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from riffusion.pipeline import PromptInput, RiffusionPipeline, slerp
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def pipeline(paddle_library):
+    return RiffusionPipeline.from_pretrained(paddle_library)
+
+
+@pytest.fixture(scope="module")
+def seed_image():
+    return Image.fromarray((np.random.default_rng(0).random((64, 70, 3)) * 255).astype(np.uint8))  # 70: cropped to 64
+
+
+def test_text_to_image_is_deterministic_per_seed(pipeline):
+    first = np.asarray(pipeline.text_to_image("funk", seed=3, num_inference_steps=3, width=64, height=64))
+    again = np.asarray(pipeline.text_to_image("funk", seed=3, num_inference_steps=3, width=64, height=64))
+    other = np.asarray(pipeline.text_to_image("funk", seed=4, num_inference_steps=3, width=64, height=64))
+    assert first.shape == (64, 64, 3) and first.std() > 0
+    assert np.array_equal(first, again) and not np.array_equal(first, other)
+
+
+def test_interpolation_is_deterministic_and_its_endpoints_are_the_prompts(pipeline, seed_image):
+    start, end = PromptInput("jazz", seed=1), PromptInput("rock", seed=2, guidance=9.0, denoising=0.6)
+    at = {alpha: pipeline.interpolate_latents(start, end, alpha, seed_image, num_inference_steps=STEPS).numpy()
+          for alpha in (0.0, 0.5)}
+    assert at[0.0].shape == (1, 4, 8, 8)
+    assert np.array_equal(at[0.5], pipeline.interpolate_latents(start, end, 0.5, seed_image, num_inference_steps=STEPS).numpy())
+    only_start = pipeline.interpolate_latents(start, PromptInput("anything", seed=9), 0.0, seed_image,
+                                              num_inference_steps=STEPS).numpy()
+    assert np.allclose(at[0.0], only_start, atol=1e-5)  # alpha 0: the end prompt and seed do not matter
+    assert not np.allclose(at[0.0], at[0.5], atol=1e-3)
+
+
+def test_mask_keeps_the_black_part_of_the_seed_image(pipeline, seed_image):
+    mask = Image.new("L", (64, 64), 255)
+    mask.paste(0, (0, 0, 32, 64))  # left half black: keep the seed image there
+    jazz = pipeline.interpolate_latents(PromptInput("jazz", seed=1), PromptInput("jazz", seed=1), 0.0, seed_image, mask, STEPS)
+    rock = pipeline.interpolate_latents(PromptInput("rock", seed=1), PromptInput("rock", seed=1), 0.0, seed_image, mask, STEPS)
+    jazz, rock = jazz.numpy(), rock.numpy()
+    assert np.array_equal(jazz[..., :4], rock[..., :4])
+    assert not np.allclose(jazz[..., 4:], rock[..., 4:], atol=1e-3)
+
+
+def test_interpolate_returns_an_image_of_the_seed_size(pipeline, seed_image):
+    image = pipeline.interpolate(PromptInput("a"), PromptInput("b", seed=5), 0.25, seed_image, num_inference_steps=3)
+    assert image.size == (64, 64) and image.mode == "RGB"
+    with pytest.raises(ValueError, match="alpha must be in"):
+        pipeline.interpolate(PromptInput("a"), PromptInput("b"), 1.5, seed_image)
+
+
+def test_slerp_endpoints_norm_and_parallel_fallback():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal(1000).astype(np.float32), rng.standard_normal(1000).astype(np.float32)
+    assert np.allclose(slerp(0.0, a, b), a, atol=1e-6) and np.allclose(slerp(1.0, a, b), b, atol=1e-6)
+    middle = slerp(0.5, a, b)
+    assert abs(np.linalg.norm(middle) - np.linalg.norm(a)) / np.linalg.norm(a) < 0.05  # stays on the sphere
+    assert np.allclose(slerp(0.5, a, a * 1.0001), a * 1.00005, atol=1e-5)  # parallel: plain lerp
