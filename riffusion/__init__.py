@@ -1,4 +1,4 @@
-"""Riffusion on Paddle: spectrogram images <-> audio, and (later) the text-to-spectrogram runtime.
+"""Riffusion on Paddle: text to spectrogram image (pipeline), spectrogram image <-> audio (audio).
 
 Nothing here imports torch, diffusers or transformers.
 """

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import paddle
 from PIL import Image
+from tqdm import tqdm
 
 
 @dataclass(frozen=True)
@@ -42,18 +43,19 @@ def slerp(alpha: float, v0: np.ndarray, v1: np.ndarray, dot_threshold: float = 0
 class RiffusionPipeline:
     """Wraps a ppdiffusers StableDiffusionPipeline (its components may be static or ONNX runtimes)."""
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, progress: bool = False):
         self.pipe = pipe
-        self.pipe.set_progress_bar_config(disable=True)
+        self.progress = progress
+        self.pipe.set_progress_bar_config(disable=not progress)
 
     @classmethod
-    def from_pretrained(cls, checkpoint: str) -> "RiffusionPipeline":
+    def from_pretrained(cls, checkpoint: str, progress: bool = False) -> "RiffusionPipeline":
         from ppdiffusers import StableDiffusionPipeline
 
         # Spectrograms are not photographs: riffusion-hobby runs without the NSFW image filter too.
         pipe = StableDiffusionPipeline.from_pretrained(str(checkpoint), safety_checker=None, requires_safety_checker=False,
                                                        paddle_dtype=paddle.float32)
-        return cls(pipe)
+        return cls(pipe, progress)
 
     @property
     def vae_scale(self) -> int:
@@ -102,7 +104,7 @@ class RiffusionPipeline:
         step_kwargs = {"eta": 0.0} if "eta" in inspect.signature(scheduler.step).parameters else {}
         context = paddle.concat([uncond, text])
         t_start = max(num_inference_steps - init_timestep + offset, 0)
-        for t in scheduler.timesteps[t_start:]:
+        for t in tqdm(scheduler.timesteps[t_start:], desc="denoise", disable=not self.progress):
             model_input = scheduler.scale_model_input(paddle.concat([latents, latents]), t)
             noise_uncond, noise_text = pipe.unet(model_input, t, encoder_hidden_states=context).sample.chunk(2)
             noise_pred = noise_uncond + guidance * (noise_text - noise_uncond)

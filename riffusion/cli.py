@@ -1,0 +1,163 @@
+"""python -m riffusion COMMAND: spectrogram images <-> audio, text to audio, interpolation, seed images."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+
+class CommandError(Exception):
+    pass
+
+
+def _read_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except FileNotFoundError:
+        raise CommandError(f"{path}: no such file") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise CommandError(f"{path}: not an image ({error})") from None
+
+
+def _read_audio(path: Path):
+    from soundfile import LibsndfileError
+
+    from riffusion.audio import read_audio
+
+    try:
+        return read_audio(path)
+    except (LibsndfileError, RuntimeError) as error:
+        raise CommandError(f"{path}: not a readable audio file ({error})") from None
+
+
+def _pipeline(checkpoint: Path):
+    if not (checkpoint / "model_index.json").is_file():
+        raise CommandError(f"{checkpoint}: not a converted library (no model_index.json); make one with python -m convert")
+    from riffusion.pipeline import RiffusionPipeline
+
+    return RiffusionPipeline.from_pretrained(checkpoint, progress=True)
+
+
+def _save_image_and_audio(image: Image.Image, out: Path) -> None:
+    from riffusion.audio import image_to_audio, write_audio
+
+    image.save(out.with_suffix(".png"))
+    audio, sample_rate = image_to_audio(image)
+    write_audio(out, audio, sample_rate)
+    print(f"wrote {out} ({audio.shape[-1] / sample_rate:.2f} s) and {out.with_suffix('.png')}")
+
+
+def audio_to_image(args) -> None:
+    from riffusion.audio import audio_to_image as convert
+
+    audio, sample_rate = _read_audio(args.input)
+    image = convert(audio, sample_rate)
+    image.save(args.output, exif=image.getexif())
+    print(f"wrote {args.output} ({image.width}x{image.height})")
+
+
+def image_to_audio(args) -> None:
+    from riffusion.audio import image_to_audio as convert
+    from riffusion.audio import write_audio
+
+    audio, sample_rate = convert(_read_image(args.input))
+    write_audio(args.output, audio, sample_rate)
+    print(f"wrote {args.output} ({audio.shape[-1] / sample_rate:.2f} s at {sample_rate} Hz)")
+
+
+def text_to_audio(args) -> None:
+    image = _pipeline(args.checkpoint).text_to_image(
+        args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, num_inference_steps=args.steps,
+        guidance=args.guidance, width=args.width)
+    _save_image_and_audio(image, args.output)
+
+
+def interpolate(args) -> None:
+    from riffusion import seed_images
+    from riffusion.pipeline import PromptInput
+
+    def library_image(image_id: str) -> Image.Image:
+        try:
+            return seed_images.load(image_id)
+        except KeyError:
+            raise CommandError(f"unknown seed or mask image {image_id!r} (known: "
+                               f"{', '.join(seed_images.seed_ids() + seed_images.mask_ids())})") from None
+
+    init = _read_image(args.seed_image) if args.seed_image.suffix else library_image(str(args.seed_image))
+    mask = None if args.mask is None else (_read_image(args.mask) if args.mask.suffix else library_image(str(args.mask)))
+    start = PromptInput(args.start, args.start_seed, denoising=args.denoising, guidance=args.guidance)
+    end = PromptInput(args.end, args.end_seed, denoising=args.denoising, guidance=args.guidance)
+    pipeline = _pipeline(args.checkpoint)
+    image = pipeline.interpolate(start, end, args.alpha, init, mask, args.steps)
+    _save_image_and_audio(image, args.output)
+
+
+def make_seed_image(args) -> None:
+    from riffusion.seed_images import seed_image_from_audio
+
+    audio, sample_rate = _read_audio(args.input)
+    image = seed_image_from_audio(audio, sample_rate)
+    image.save(args.output, exif=image.info["exif"])
+    print(f"wrote {args.output} ({image.width}x{image.height}, the first 5.12 s)")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m riffusion", description=__doc__.split(": ", 1)[1])
+    commands = p.add_subparsers(dest="command", required=True)
+
+    c = commands.add_parser("audio-to-image", help="spectrogram image of an audio file")
+    c.add_argument("input", type=Path)
+    c.add_argument("output", type=Path)
+    c.set_defaults(run=audio_to_image)
+
+    c = commands.add_parser("image-to-audio", help="audio of a spectrogram image")
+    c.add_argument("input", type=Path)
+    c.add_argument("output", type=Path, help=".wav, .mp3, .flac ...")
+    c.set_defaults(run=image_to_audio)
+
+    c = commands.add_parser("text-to-audio", help="a prompt to a spectrogram image and its audio")
+    c.add_argument("prompt")
+    c.add_argument("output", type=Path, help="audio file; the image is written beside it as .png")
+    c.add_argument("--checkpoint", type=Path, required=True, help="a library made by python -m convert")
+    c.add_argument("--negative-prompt")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--steps", type=int, default=50)
+    c.add_argument("--guidance", type=float, default=7.0)
+    c.add_argument("--width", type=int, default=512, help="multiple of 8; 512 is 5.12 s")
+    c.set_defaults(run=text_to_audio)
+
+    c = commands.add_parser("interpolate", help="between two prompts/seeds at --alpha, from a seed image")
+    c.add_argument("start")
+    c.add_argument("end")
+    c.add_argument("output", type=Path, help="audio file; the image is written beside it as .png")
+    c.add_argument("--checkpoint", type=Path, required=True)
+    c.add_argument("--alpha", type=float, default=0.5)
+    c.add_argument("--start-seed", type=int, default=0)
+    c.add_argument("--end-seed", type=int, default=1)
+    c.add_argument("--seed-image", type=Path, default=Path("og_beat"), help="a library id (og_beat, ...) or an image file")
+    c.add_argument("--mask", type=Path, help="a library mask id or an image file")
+    c.add_argument("--denoising", type=float, default=0.75)
+    c.add_argument("--guidance", type=float, default=7.0)
+    c.add_argument("--steps", type=int, default=50)
+    c.set_defaults(run=interpolate)
+
+    c = commands.add_parser("make-seed-image", help="a 512x512 seed image from the first 5.12 s of an audio file")
+    c.add_argument("input", type=Path)
+    c.add_argument("output", type=Path)
+    c.set_defaults(run=make_seed_image)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (CommandError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,120 @@
+"""The seed image library riffusion-app draws from, made by our own code.
+
+Seeds are spectrogram images of synthesized two-measure loops (93.75 BPM: 5.12 s is two bars of
+4/4). Masks are greyscale images for interpolation: black keeps the seed image, white repaints it,
+grey in between. Riffusion's names, with our reading of them:
+  mask_top_third_75 / _95       top third (the highest frequencies) at 75% / 95% white, rest black
+  mask_gradient_top_70          white 70% at the top fading to black at the bottom
+  mask_gradient_top_fifth_75    white 75% at the top fading to black within the top fifth
+  mask_gradient_dark            white 40% at the top fading to black at the bottom
+  mask_beat_lines_80            80% white with a black band at every beat (the drum hits are kept)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from riffusion import synth
+from riffusion.audio import audio_to_image
+from riffusion.params import SpectrogramParams
+
+FOLDER = Path(__file__).parent / "seed_images"
+SIZE = 512
+BEAT_COLUMNS = 64  # 0.64 s per beat at 93.75 BPM and 10 ms per column
+
+
+def _motorway() -> np.ndarray:
+    bass = synth.chord_progression(chords=((36, 48, 55, 60), (34, 46, 53, 58)), beats_per_chord=4)
+    return synth.drum_loop(seed=2) * 0.7 + bass * 0.5
+
+
+SEEDS = {
+    "og_beat": lambda: synth.drum_loop(),
+    "agile": lambda: synth.drum_loop(bpm=2 * synth.BPM, seed=1),
+    "marim": lambda: synth.chord_progression(beats_per_chord=1),
+    "motorway": _motorway,
+    "vibes": lambda: synth.chord_progression(beats_per_chord=4) * 0.6 + synth.drum_loop(seed=3) * 0.3,
+}
+
+
+def _rows(values: np.ndarray) -> np.ndarray:
+    return np.repeat(values[:, None], SIZE, axis=1)
+
+
+def _top(fraction: float, level: float) -> np.ndarray:
+    column = np.zeros(SIZE)
+    column[: int(SIZE * fraction)] = level
+    return _rows(column)
+
+
+def _gradient(fraction: float, level: float) -> np.ndarray:
+    length = int(SIZE * fraction)
+    column = np.zeros(SIZE)
+    column[:length] = np.linspace(level, 0.0, length)
+    return _rows(column)
+
+
+def _beat_lines(level: float) -> np.ndarray:
+    mask = np.full((SIZE, SIZE), level)
+    for start in range(0, SIZE, BEAT_COLUMNS):
+        mask[:, start:start + 8] = 0.0
+    return mask
+
+
+MASKS = {
+    "mask_beat_lines_80": lambda: _beat_lines(0.80),
+    "mask_gradient_dark": lambda: _gradient(1.0, 0.40),
+    "mask_gradient_top_70": lambda: _gradient(1.0, 0.70),
+    "mask_gradient_top_fifth_75": lambda: _gradient(0.2, 0.75),
+    "mask_top_third_75": lambda: _top(1 / 3, 0.75),
+    "mask_top_third_95": lambda: _top(1 / 3, 0.95),
+}
+
+
+def seed_image_from_audio(audio: np.ndarray, sample_rate: int, params: SpectrogramParams = SpectrogramParams()) -> Image.Image:
+    """A 512-column seed image from the start of the audio (padded with silence when shorter)."""
+    seconds = SIZE * params.step_size_ms / 1000
+    audio = np.asarray(audio, dtype=np.float32)
+    audio = audio[None] if audio.ndim == 1 else audio
+    wanted = int(round(seconds * sample_rate))
+    audio = np.pad(audio[:, :wanted], ((0, 0), (0, max(0, wanted - audio.shape[1]))))
+    image = audio_to_image(audio, sample_rate, params)
+    exif = image.getexif()
+    cropped = image.crop((0, 0, SIZE, image.height))
+    cropped.info["exif"] = exif.tobytes()
+    return cropped
+
+
+def write_library(folder: Path = FOLDER) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, make in SEEDS.items():
+        image = seed_image_from_audio(make(), synth.SAMPLE_RATE)
+        path = folder / f"{name}.png"
+        image.save(path, exif=image.info["exif"])
+        written.append(path)
+    for name, make in MASKS.items():
+        path = folder / f"{name}.png"
+        Image.fromarray((make() * 255).round().astype(np.uint8), mode="L").save(path)
+        written.append(path)
+    return written
+
+
+def seed_ids(folder: Path = FOLDER) -> list[str]:
+    return sorted(path.stem for path in folder.glob("*.png") if not path.stem.startswith("mask_"))
+
+
+def mask_ids(folder: Path = FOLDER) -> list[str]:
+    return sorted(path.stem for path in folder.glob("mask_*.png"))
+
+
+def load(image_id: str, folder: Path = FOLDER) -> Image.Image:
+    """A library image by id. Only ids listed in the folder are accepted: never a path."""
+    if image_id not in seed_ids(folder) + mask_ids(folder):
+        raise KeyError(image_id)
+    with Image.open(folder / f"{image_id}.png") as image:
+        image.load()
+        return image
