@@ -39,6 +39,13 @@ def image_to_audio(image: Image.Image, params: SpectrogramParams | None = None,
     return audio, params.sample_rate
 
 
+def without_clipping(audio: np.ndarray, peak: float = 0.99) -> np.ndarray:
+    """Griffin-Lim output can peak above full scale (a 0.8-peak chord came back at 1.03): scale it
+    down before writing 16-bit or MP3, as riffusion-hobby normalises its output too."""
+    loudest = float(np.max(np.abs(audio))) if audio.size else 0.0
+    return audio * (peak / loudest) if loudest > peak else audio
+
+
 def conform(audio: np.ndarray, sample_rate: int, params: SpectrogramParams) -> np.ndarray:
     """Float32 [channels, samples] at params.sample_rate with params.num_channels (mono by averaging)."""
     audio = np.asarray(audio, dtype=np.float32)

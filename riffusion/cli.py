@@ -44,29 +44,31 @@ def _pipeline(checkpoint: Path):
 
 
 def _save_image_and_audio(image: Image.Image, out: Path) -> None:
-    from riffusion.audio import image_to_audio, write_audio
+    from riffusion.audio import image_to_audio, without_clipping, write_audio
+    from riffusion.image import save_image
 
-    image.save(out.with_suffix(".png"))
+    save_image(image, out.with_suffix(".png"))
     audio, sample_rate = image_to_audio(image)
-    write_audio(out, audio, sample_rate)
+    write_audio(out, without_clipping(audio), sample_rate)
     print(f"wrote {out} ({audio.shape[-1] / sample_rate:.2f} s) and {out.with_suffix('.png')}")
 
 
 def audio_to_image(args) -> None:
     from riffusion.audio import audio_to_image as convert
+    from riffusion.image import save_image
 
     audio, sample_rate = _read_audio(args.input)
     image = convert(audio, sample_rate)
-    image.save(args.output, exif=image.getexif())
+    save_image(image, args.output)
     print(f"wrote {args.output} ({image.width}x{image.height})")
 
 
 def image_to_audio(args) -> None:
     from riffusion.audio import image_to_audio as convert
-    from riffusion.audio import write_audio
+    from riffusion.audio import without_clipping, write_audio
 
     audio, sample_rate = convert(_read_image(args.input))
-    write_audio(args.output, audio, sample_rate)
+    write_audio(args.output, without_clipping(audio), sample_rate)
     print(f"wrote {args.output} ({audio.shape[-1] / sample_rate:.2f} s at {sample_rate} Hz)")
 
 
@@ -98,11 +100,11 @@ def interpolate(args) -> None:
 
 
 def make_seed_image(args) -> None:
+    from riffusion.image import save_image
     from riffusion.seed_images import seed_image_from_audio
 
     audio, sample_rate = _read_audio(args.input)
-    image = seed_image_from_audio(audio, sample_rate)
-    image.save(args.output, exif=image.info["exif"])
+    save_image(seed_image_from_audio(audio, sample_rate), args.output)
     print(f"wrote {args.output} ({image.width}x{image.height}, the first 5.12 s)")
 
 

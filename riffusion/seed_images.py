@@ -19,6 +19,7 @@ from PIL import Image
 
 from riffusion import synth
 from riffusion.audio import audio_to_image
+from riffusion.image import save_image
 from riffusion.params import SpectrogramParams
 
 FOLDER = Path(__file__).parent / "seed_images"
@@ -82,9 +83,8 @@ def seed_image_from_audio(audio: np.ndarray, sample_rate: int, params: Spectrogr
     wanted = int(round(seconds * sample_rate))
     audio = np.pad(audio[:, :wanted], ((0, 0), (0, max(0, wanted - audio.shape[1]))))
     image = audio_to_image(audio, sample_rate, params)
-    exif = image.getexif()
     cropped = image.crop((0, 0, SIZE, image.height))
-    cropped.info["exif"] = exif.tobytes()
+    cropped.getexif().update(image.getexif())
     return cropped
 
 
@@ -92,9 +92,8 @@ def write_library(folder: Path = FOLDER) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for name, make in SEEDS.items():
-        image = seed_image_from_audio(make(), synth.SAMPLE_RATE)
         path = folder / f"{name}.png"
-        image.save(path, exif=image.info["exif"])
+        save_image(seed_image_from_audio(make(), synth.SAMPLE_RATE), path)
         written.append(path)
     for name, make in MASKS.items():
         path = folder / f"{name}.png"

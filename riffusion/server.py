@@ -19,7 +19,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from riffusion import seed_images
-from riffusion.audio import image_to_audio, write_audio
+from riffusion.audio import image_to_audio, without_clipping, write_audio
 from riffusion.pipeline import PromptInput
 
 MAX_BODY_BYTES = 64 * 1024
@@ -93,7 +93,7 @@ def run_inference(pipeline, request: dict, lock: threading.Lock, seed_folder=see
     audio, sample_rate = image_to_audio(image)
     jpeg, mp3 = io.BytesIO(), io.BytesIO()
     image.save(jpeg, format="JPEG")
-    write_audio(mp3, audio, sample_rate, format="MP3")
+    write_audio(mp3, without_clipping(audio), sample_rate, format="MP3")
     return {
         "image": "data:image/jpeg;base64," + base64.b64encode(jpeg.getvalue()).decode(),
         "audio": "data:audio/mpeg;base64," + base64.b64encode(mp3.getvalue()).decode(),

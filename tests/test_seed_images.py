@@ -1,0 +1,45 @@
+"""The seed image library is ours, reproducible, complete, and safe to look up by id."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from riffusion import seed_images
+from riffusion.image import params_from_image, spectrogram_from_image
+
+SEEDS = ["agile", "marim", "motorway", "og_beat", "vibes"]
+MASKS = ["mask_beat_lines_80", "mask_gradient_dark", "mask_gradient_top_70", "mask_gradient_top_fifth_75",
+         "mask_top_third_75", "mask_top_third_95"]
+
+
+def test_library_is_complete_and_regenerates_byte_for_byte(tmp_path):
+    assert seed_images.seed_ids() == SEEDS and seed_images.mask_ids() == MASKS
+    seed_images.write_library(tmp_path)
+    for name in SEEDS + MASKS:
+        assert (tmp_path / f"{name}.png").read_bytes() == (seed_images.FOLDER / f"{name}.png").read_bytes(), name
+
+
+def test_seeds_are_512_square_spectrograms_with_params_and_masks_are_greyscale():
+    for name in SEEDS:
+        image = seed_images.load(name)
+        assert image.size == (512, 512) and image.mode == "RGB"
+        assert params_from_image(image) is not None
+    for name in MASKS:
+        assert seed_images.load(name).mode == "L"
+    top_third = np.asarray(seed_images.load("mask_top_third_75"), dtype=float) / 255
+    assert abs(top_third[:170].mean() - 0.75) < 0.01 and top_third[171:].max() == 0
+
+
+def test_og_beat_kicks_land_every_two_beats():
+    image = seed_images.load("og_beat")
+    spectrogram = spectrogram_from_image(image, params_from_image(image))
+    low = spectrogram[0, :20].sum(axis=0)  # bin 0 is the lowest mel bin: the kick's energy
+    peaks = [int(np.argmax(low[start:start + 100])) + start for start in (0, 128, 256, 384)]
+    assert peaks[0] < 10, peaks  # the kick peaks a few 10 ms columns after its onset
+    assert all(abs(b - a - 128) <= 2 for a, b in zip(peaks, peaks[1:])), peaks  # 2 beats = 1.28 s
+
+
+@pytest.mark.parametrize("bad", ["../server", "/etc/passwd", "og_beat.png", "", "OG_BEAT"])
+def test_lookup_accepts_library_ids_only(bad):
+    with pytest.raises(KeyError):
+        seed_images.load(bad)
