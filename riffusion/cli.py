@@ -104,7 +104,8 @@ def make_seed_image(args) -> None:
     from riffusion.seed_images import seed_image_from_audio
 
     audio, sample_rate = _read_audio(args.input)
-    save_image(seed_image_from_audio(audio, sample_rate), args.output)
+    image = seed_image_from_audio(audio, sample_rate)
+    save_image(image, args.output)
     print(f"wrote {args.output} ({image.width}x{image.height}, the first 5.12 s)")
 
 
