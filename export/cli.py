@@ -1,0 +1,54 @@
+"""python -m export --model LIBRARY --out OUT: static-graph (and ONNX) export of a converted library."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from convert.errors import ConversionError
+from export.specs import COMPONENTS
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m export",
+        description="Export the UNet, text encoder and VAE of a library made by `python -m convert` to Paddle static "
+                    "programs (OUT/<component>/inference.json + inference.pdiparams) and, with --onnx, ONNX "
+                    "(OUT/<component>/model.onnx). Batch, height and width stay dynamic. Every export is checked "
+                    "against the dynamic model in Paddle Inference (oneDNN) and onnxruntime before OUT is written.")
+    p.add_argument("--model", required=True, type=Path, help="a converted ppdiffusers library (python -m convert --out)")
+    p.add_argument("--out", required=True, type=Path, help="folder to write the exports into")
+    p.add_argument("--components", default=",".join(COMPONENTS),
+                   help=f"comma-separated subset of {','.join(COMPONENTS)} (default: all)")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx per component (paddle2onnx; weights as "
+                   "external data model.onnx.data when over 2 GB) and validate it in onnxruntime")
+    p.add_argument("--height", type=int, help="image height in pixels to validate at (a multiple of 8; default 128). "
+                   "The export itself works at every size")
+    p.add_argument("--width", type=int, help="image width in pixels to validate at (a multiple of 8; default 128)")
+    p.add_argument("--threads", type=int, help="CPU threads for validation runs (default: all cores)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--quiet", action="store_true", help="no progress lines, no converter logs")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        from export.exporter import export_library, parse_components
+
+        report = export_library(args.model, args.out, components=parse_components(args.components), onnx=args.onnx,
+                                height=args.height, width=args.width, overwrite=args.overwrite, quiet=args.quiet,
+                                threads=args.threads)
+    except ConversionError as error:  # ExportError and the shared output helpers' errors
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for name, entry in report["components"].items():
+        worst: dict[str, float] = {}
+        for check in entry["validation"]:
+            worst[check["runtime"]] = max(worst.get(check["runtime"], 0.0), check["max_abs"])
+        errors = ", ".join(f"{runtime} {error:.2e}" for runtime, error in worst.items())
+        print(f"{name}: max abs error vs the dynamic model {errors} (tolerance {entry['tolerance']:g}, "
+              f"{len(report['validation_sizes'])} sizes)")
+    print(f"wrote {args.out} ({report['seconds']:.1f} s)")
+    return 0

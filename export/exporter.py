@@ -1,0 +1,322 @@
+"""A converted ppdiffusers library -> static programs (and ONNX) per component, each validated.
+
+For each component: compute the dynamic model's outputs on example inputs at two sizes, trace the
+export wrapper (export/patches.py) with `paddle.jit.to_static(full_graph=True)` and dynamic batch /
+height / width / sequence, `paddle.jit.save` it, then run the saved program in Paddle Inference
+with oneDNN (the CPU runtime users get) and, with `onnx=True`, the paddle2onnx model in onnxruntime,
+and compare with the dynamic outputs. Any error above the component's tolerance aborts the export,
+naming the component, runtime, size and error. Output goes to a staging folder beside `out`,
+renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from convert.output import atomic_folder, check_apart, check_destination
+from export import runtime
+from export.errors import ExportError
+from export.specs import COMPONENTS, LATENT_FACTOR, SPECS, VALIDATION_SIZES, ComponentSpec
+
+REPORT_NAME = "export_report.json"
+PADDLE_WEIGHTS = {
+    "unet": ("diffusion_paddle_model.safetensors", "model_state.pdparams"),
+    "vae": ("diffusion_paddle_model.safetensors", "model_state.pdparams"),
+    "text_encoder": ("model.safetensors", "model_state.pdparams"),
+}
+TORCH_WEIGHTS = ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.safetensors", "pytorch_model.bin")
+LIBRARY_CLASSES = {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "CLIPTextModel"}
+
+
+def check_library(library: Path, components: tuple[str, ...]) -> dict[str, dict]:
+    """The config of each library folder the components need, or ExportError saying what is wrong."""
+    library = Path(library)
+    if not library.is_dir():
+        raise ExportError(f"{library}: no such folder")
+    index_path = library / "model_index.json"
+    if not index_path.is_file():
+        raise ExportError(f"{library}: no model_index.json, not a converted library (make one with python -m convert)")
+    index = _read_json(index_path)
+    configs = {}
+    for folder in dict.fromkeys(SPECS[name].folder for name in components):
+        entry = index.get(folder)
+        if not entry or entry == [None, None]:
+            raise ExportError(f"{index_path}: the library has no {folder}")
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[1] == LIBRARY_CLASSES[folder]):
+            raise ExportError(f"{index_path}: {folder} is {entry!r}, expected a {LIBRARY_CLASSES[folder]}")
+        part = library / folder
+        has_paddle = any((part / name).is_file() for name in PADDLE_WEIGHTS[folder])
+        has_torch = any((part / name).is_file() for name in TORCH_WEIGHTS)
+        if entry[0] in ("diffusers", "transformers") or (has_torch and not has_paddle):
+            raise ExportError(f"{library}: a torch diffusers repo, not a converted library "
+                              f"(convert it first: python -m convert --src {library} --out LIBRARY)")
+        if not part.is_dir():
+            raise ExportError(f"{part}: missing (model_index.json lists a {LIBRARY_CLASSES[folder]} there)")
+        if not has_paddle:
+            raise ExportError(f"{part}: missing its weights ({PADDLE_WEIGHTS[folder][0]})")
+        configs[folder] = _read_json(library / folder / "config.json")
+    return configs
+
+
+def parse_components(text: str | None) -> tuple[str, ...]:
+    if not text:
+        return COMPONENTS
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    unknown = [name for name in names if name not in SPECS]
+    if unknown or not names:
+        raise ExportError(f"--components: unknown component {unknown[0] if unknown else text!r} "
+                          f"(choose from {','.join(COMPONENTS)})")
+    return names
+
+
+def validation_sizes(height: int | None, width: int | None) -> tuple[tuple[int, int, int], ...]:
+    """(batch, height, width) image sizes to validate at; --height/--width replace the first one."""
+    if height is None and width is None:
+        return VALIDATION_SIZES
+    height = height or width
+    width = width or height
+    for flag, value in (("--height", height), ("--width", width)):
+        if value <= 0 or value % LATENT_FACTOR:
+            raise ExportError(f"{flag} {value}: unsupported image size, must be a positive multiple of {LATENT_FACTOR} "
+                              f"(the VAE's downscale factor)")
+    return ((VALIDATION_SIZES[0][0], height, width),) + VALIDATION_SIZES[1:]
+
+
+def export_library(library: str | Path, out: str | Path, components: tuple[str, ...] = COMPONENTS, onnx: bool = False,
+                   height: int | None = None, width: int | None = None, overwrite: bool = False, quiet: bool = False,
+                   threads: int | None = None) -> dict:
+    """Export `components` of the converted library into `out`; returns the report (also written to
+    out/export_report.json). Raises ExportError on bad input or a failed validation, leaving no `out`."""
+    started = time.perf_counter()
+    library, out = Path(library), Path(out)
+    unknown = [name for name in components if name not in SPECS]
+    if unknown:
+        raise ExportError(f"unknown component {unknown[0]!r} (choose from {','.join(COMPONENTS)})")
+    sizes = validation_sizes(height, width)
+    configs = check_library(library, components)
+    check_destination(out.absolute(), overwrite)
+    check_apart(out, library)
+
+    import paddle
+
+    _quiet_libraries()
+    report = {
+        "library": str(library),
+        "components": {},
+        "validation_sizes": [list(size) for size in sizes],
+        "versions": _versions(onnx),
+    }
+    runtime.use_all_cores(threads)  # the dynamic reference runs
+    with atomic_folder(out, overwrite) as staging:
+        with paddle.no_grad():
+            for folder in dict.fromkeys(SPECS[name].folder for name in components):
+                model = _load(library, folder)
+                traced = []
+                for name in [name for name in components if SPECS[name].folder == folder]:
+                    _progress(quiet, f"{name}: tracing")
+                    traced.append(_trace(SPECS[name], model, configs[folder], staging / name, sizes, onnx, quiet))
+                del model  # validation runs without the dynamic model in memory
+                gc.collect()
+                for spec, entry, examples, references in traced:
+                    _validate(spec, staging / spec.name, entry, sizes, examples, references, onnx, quiet, threads)
+                    report["components"][spec.name] = entry
+        report["seconds"] = round(time.perf_counter() - started, 3)
+        (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return report
+
+
+def _trace(spec: ComponentSpec, model, config: dict, folder: Path, sizes, onnx: bool, quiet: bool):
+    """Save the static program (and ONNX) of one component; return its report entry and the dynamic
+    model's outputs on the validation examples."""
+    import paddle
+    from paddle.static import InputSpec
+
+    from export.patches import export_patches
+
+    started = time.perf_counter()
+    folder.mkdir()
+    examples = [spec.example(config, *size, seed=i) for i, size in enumerate(sizes)]
+    references = [_reference(spec.name, model, example) for example in examples]
+
+    input_spec = [InputSpec(item.shape(config), item.dtype, item.name) for item in spec.inputs]
+    with export_patches(model):
+        wrapper = _wrapper(spec.name, model)
+        wrapper.eval()
+        static = paddle.jit.to_static(wrapper, input_spec=input_spec, full_graph=True)
+        paddle.jit.save(static, str(folder / "inference"))
+        weights = {param.name: param for param in wrapper.parameters()}
+        weights.update({buffer.name: buffer for buffer in wrapper.buffers()})
+        del static
+    entry = {
+        "inputs": [{"name": item.name, "dtype": item.dtype, "shape": item.shape(config),
+                    "dynamic_axes": item.dynamic_axes()} for item in spec.inputs],
+        "outputs": list(spec.outputs),
+        "tolerance": spec.tolerance,
+        "files": [runtime.STATIC_PROGRAM, runtime.STATIC_PARAMS],
+        "trace_seconds": round(time.perf_counter() - started, 3),  # with the dynamic reference runs
+        "validation": [],
+    }
+    # the config as the loaded model sees it, defaults filled in: pipelines read keys the file may omit
+    full_config = model.config.to_dict() if hasattr(model.config, "to_dict") else dict(model.config)
+    (folder / runtime.CONFIG_NAME).write_text(json.dumps(full_config, indent=2, sort_keys=True, default=_jsonable) + "\n",
+                                              encoding="utf-8")
+
+    if onnx:
+        from export.onnx_export import export_onnx
+
+        _progress(quiet, f"{spec.name}: converting to ONNX")
+        onnx_started = time.perf_counter()
+        written = export_onnx(folder / runtime.STATIC_PROGRAM, weights, folder, tuple(item.name for item in spec.inputs),
+                              spec.outputs, quiet=quiet)
+        entry["files"] += [written["file"]] + ([written["external_data"]] if written["external_data"] else [])
+        entry["onnx_seconds"] = round(time.perf_counter() - onnx_started, 3)
+    del weights
+    gc.collect()
+    entry["seconds"] = round(time.perf_counter() - started, 3)
+    return spec, entry, examples, references
+
+
+def _validate(spec: ComponentSpec, folder: Path, entry: dict, sizes, examples, references, onnx: bool, quiet: bool,
+              threads: int | None) -> None:
+    """Run the saved program (and ONNX model) on the examples; ExportError above the tolerance."""
+    started = time.perf_counter()
+    for backend in ("static",) + (("onnx",) if onnx else ()):
+        _progress(quiet, f"{spec.name}: validating {backend}")
+        session = runtime.open_session(folder, backend, threads=threads)
+        for size, example, reference in zip(sizes, examples, references):
+            outputs = session.run(example)
+            check = _compare(spec, backend, size, reference, outputs)
+            entry["validation"].append(check)
+            if not check["passed"]:
+                raise ExportError(f"{spec.name} ({_backend_name(backend)}) differs from the dynamic model: max abs error "
+                                  f"{check['max_abs']:.3g} > tolerance {spec.tolerance:g} at {check['where']}")
+        del session
+        gc.collect()
+    entry["validation_seconds"] = round(time.perf_counter() - started, 3)
+
+
+def _compare(spec: ComponentSpec, backend: str, size, reference: list[np.ndarray], outputs: list[np.ndarray]) -> dict:
+    batch, height, width = size
+    where = f"batch {batch}, " + (f"{reference[0].shape[1]} tokens" if spec.name == "text_encoder" else f"{height}x{width} px")
+    worst, shapes_ok = 0.0, len(outputs) == len(reference)
+    for name, ref, got in zip(spec.outputs, reference, outputs):
+        if ref.shape != got.shape:
+            shapes_ok = False
+            where += f", {name} shape {list(got.shape)} != {list(ref.shape)}"
+            continue
+        error = float(np.max(np.abs(ref.astype(np.float64) - got.astype(np.float64)))) if ref.size else 0.0
+        if not np.isfinite(got).all():
+            error = float("inf")
+        worst = max(worst, error)
+    if not shapes_ok:
+        worst = float("inf")
+    return {"runtime": backend, "batch": batch, "height": height, "width": width, "where": where,
+            "max_abs": worst, "tolerance": spec.tolerance, "passed": bool(worst <= spec.tolerance)}
+
+
+def _backend_name(backend: str) -> str:
+    return {"static": "Paddle Inference, oneDNN", "onnx": "onnxruntime"}[backend]
+
+
+def _load(library: Path, folder: str):
+    import paddle
+    from ppdiffusers import AutoencoderKL, UNet2DConditionModel
+    from ppdiffusers.transformers import CLIPTextModel
+
+    cls = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}[folder]
+    try:
+        model = cls.from_pretrained(str(library / folder), paddle_dtype=paddle.float32)
+    except Exception as error:  # noqa: BLE001 - ppdiffusers raises many kinds; name the folder and the reason
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ExportError(f"{library / folder}: cannot load it with ppdiffusers: {reason}") from None
+    model.eval()
+    return model
+
+
+def _wrapper(name: str, model):
+    from export import patches
+
+    return {
+        "unet": patches.UNetForExport,
+        "text_encoder": patches.TextEncoderForExport,
+        "vae_encoder": patches.VaeEncoderForExport,
+        "vae_decoder": patches.VaeDecoderForExport,
+    }[name](model)
+
+
+def _reference(name: str, model, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The dynamic model's own outputs, called the way pipelines call it."""
+    import paddle
+
+    tensors = {key: paddle.to_tensor(value) for key, value in inputs.items()}
+    if name == "unet":
+        out = model(tensors["sample"], tensors["timestep"], encoder_hidden_states=tensors["encoder_hidden_states"])
+        return [out.sample.numpy()]
+    if name == "text_encoder":
+        out = model(tensors["input_ids"])
+        return [out[0].numpy(), out[1].numpy()]
+    if name == "vae_encoder":
+        return [model.encode(tensors["sample"]).latent_dist.parameters.numpy()]
+    if name == "vae_decoder":
+        return [model.decode(tensors["latent_sample"]).sample.numpy()]
+    raise KeyError(name)
+
+
+def _progress(quiet: bool, message: str) -> None:
+    if not quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _quiet_libraries() -> None:
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("paddle").setLevel(logging.ERROR)
+    try:
+        import ppdiffusers
+        from paddlenlp.utils.log import logger as paddlenlp_logger
+
+        ppdiffusers.utils.logging.set_verbosity(logging.ERROR)
+        ppdiffusers.utils.logging.disable_progress_bar()
+        paddlenlp_logger.set_level("ERROR")
+    except ImportError:
+        pass
+
+
+def _versions(onnx: bool) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    names = ["paddlepaddle", "paddlepaddle-gpu", "ppdiffusers"] + (["paddle2onnx", "onnx", "onnxruntime", "onnxruntime-gpu"] if onnx else [])
+    found = {}
+    for name in names:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def _jsonable(value):
+    if isinstance(value, (tuple, set)):
+        return list(value)
+    return str(value)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ExportError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ExportError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise ExportError(f"{path}: expected a JSON object")
+    return data
+
