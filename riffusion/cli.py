@@ -35,12 +35,14 @@ def _read_audio(path: Path):
         raise CommandError(f"{path}: not a readable audio file ({error})") from None
 
 
-def _pipeline(checkpoint: Path):
-    if not (checkpoint / "model_index.json").is_file():
-        raise CommandError(f"{checkpoint}: not a converted library (no model_index.json); make one with python -m convert")
+def _pipeline(args):
+    if not (args.checkpoint / "model_index.json").is_file():
+        raise CommandError(f"{args.checkpoint}: not a converted library (no model_index.json); make one with python -m convert")
+    if args.export is not None and not args.export.is_dir():
+        raise CommandError(f"{args.export}: no such export folder; make one with python -m export")
     from riffusion.pipeline import RiffusionPipeline
 
-    return RiffusionPipeline.from_pretrained(checkpoint, progress=True)
+    return RiffusionPipeline.from_pretrained(args.checkpoint, progress=True, exported=args.export, runtime=args.runtime)
 
 
 def _save_image_and_audio(image: Image.Image, out: Path) -> None:
@@ -73,7 +75,7 @@ def image_to_audio(args) -> None:
 
 
 def text_to_audio(args) -> None:
-    image = _pipeline(args.checkpoint).text_to_image(
+    image = _pipeline(args).text_to_image(
         args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, num_inference_steps=args.steps,
         guidance=args.guidance, width=args.width)
     _save_image_and_audio(image, args.output)
@@ -94,7 +96,7 @@ def interpolate(args) -> None:
     mask = None if args.mask is None else (_read_image(args.mask) if args.mask.suffix else library_image(str(args.mask)))
     start = PromptInput(args.start, args.start_seed, denoising=args.denoising, guidance=args.guidance)
     end = PromptInput(args.end, args.end_seed, denoising=args.denoising, guidance=args.guidance)
-    pipeline = _pipeline(args.checkpoint)
+    pipeline = _pipeline(args)
     image = pipeline.interpolate(start, end, args.alpha, init, mask, args.steps)
     _save_image_and_audio(image, args.output)
 
@@ -107,6 +109,13 @@ def make_seed_image(args) -> None:
     image = seed_image_from_audio(audio, sample_rate)
     save_image(image, args.output)
     print(f"wrote {args.output} ({image.width}x{image.height}, the first 5.12 s)")
+
+
+def _model_options(command) -> None:
+    command.add_argument("--checkpoint", type=Path, required=True, help="a library made by python -m convert")
+    command.add_argument("--export", type=Path, help="a folder made by python -m export: run its static or ONNX programs")
+    command.add_argument("--runtime", choices=("dynamic", "static", "onnx"),
+                         help="default: static (Paddle Inference) with --export, else dynamic")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -126,7 +135,7 @@ def parser() -> argparse.ArgumentParser:
     c = commands.add_parser("text-to-audio", help="a prompt to a spectrogram image and its audio")
     c.add_argument("prompt")
     c.add_argument("output", type=Path, help="audio file; the image is written beside it as .png")
-    c.add_argument("--checkpoint", type=Path, required=True, help="a library made by python -m convert")
+    _model_options(c)
     c.add_argument("--negative-prompt")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--steps", type=int, default=50)
@@ -138,7 +147,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("start")
     c.add_argument("end")
     c.add_argument("output", type=Path, help="audio file; the image is written beside it as .png")
-    c.add_argument("--checkpoint", type=Path, required=True)
+    _model_options(c)
     c.add_argument("--alpha", type=float, default=0.5)
     c.add_argument("--start-seed", type=int, default=0)
     c.add_argument("--end-seed", type=int, default=1)

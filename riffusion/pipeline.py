@@ -49,12 +49,16 @@ class RiffusionPipeline:
         self.pipe.set_progress_bar_config(disable=not progress)
 
     @classmethod
-    def from_pretrained(cls, checkpoint: str, progress: bool = False) -> "RiffusionPipeline":
-        from ppdiffusers import StableDiffusionPipeline
+    def from_pretrained(cls, checkpoint: str, progress: bool = False, exported: str | None = None,
+                        runtime: str | None = None) -> "RiffusionPipeline":
+        """`exported`: a folder made by `python -m export`; its UNet, text encoder and VAE then run in
+        `runtime` ("static": Paddle Inference, the default with an export; "onnx": onnxruntime).
+        Without one everything runs in Paddle dynamic mode."""
+        from export.runtime import load_pipeline
 
+        runtime = runtime or ("static" if exported else "dynamic")
         # Spectrograms are not photographs: riffusion-hobby runs without the NSFW image filter too.
-        pipe = StableDiffusionPipeline.from_pretrained(str(checkpoint), safety_checker=None, requires_safety_checker=False,
-                                                       paddle_dtype=paddle.float32)
+        pipe = load_pipeline(checkpoint, exported, unet=runtime, text_encoder=runtime, vae=runtime)
         return cls(pipe, progress)
 
     @property

@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", required=True, help="a ppdiffusers library made by `python -m convert`")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=3013)
+    parser.add_argument("--export", help="a folder made by python -m export: run its static or ONNX programs")
+    parser.add_argument("--runtime", choices=("dynamic", "static", "onnx"),
+                        help="default: static (Paddle Inference) with --export, else dynamic")
     args = parser.parse_args(argv)
     from pathlib import Path
 
@@ -170,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from riffusion.pipeline import RiffusionPipeline
 
-    server = make_server(RiffusionPipeline.from_pretrained(args.checkpoint), args.host, args.port)
+    pipeline = RiffusionPipeline.from_pretrained(args.checkpoint, exported=args.export, runtime=args.runtime)
+    server = make_server(pipeline, args.host, args.port)
     print(f"serving riffusion on http://{args.host}:{server.server_port}/run_inference/", flush=True)
     try:
         server.serve_forever()

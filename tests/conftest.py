@@ -26,6 +26,16 @@ def paddle_library(torch_repo, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def exported(paddle_library, tmp_path_factory):
+    """The tiny library exported to static programs and ONNX: (folder, export report)."""
+    from export.exporter import export_library
+
+    out = tmp_path_factory.mktemp("export") / "riffusion-tiny-export"
+    report = export_library(paddle_library, out, onnx=True, quiet=True)
+    return out, report
+
+
 @pytest.fixture
 def repo_copy(torch_repo, tmp_path):
     """A private copy of the tiny repo that a test may damage."""

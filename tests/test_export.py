@@ -19,15 +19,6 @@ UNET_SIZES = [(3, 9, 13), (1, 10, 14)]
 
 
 @pytest.fixture(scope="module")
-def exported(paddle_library, tmp_path_factory):
-    from export.exporter import export_library
-
-    out = tmp_path_factory.mktemp("export") / "riffusion-tiny-export"
-    report = export_library(paddle_library, out, onnx=True, quiet=True)
-    return out, report
-
-
-@pytest.fixture(scope="module")
 def runtimes(exported):
     from export.runtime import load_component
 

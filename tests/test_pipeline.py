@@ -64,3 +64,14 @@ def test_slerp_endpoints_norm_and_parallel_fallback():
     middle = slerp(0.5, a, b)
     assert abs(np.linalg.norm(middle) - np.linalg.norm(a)) / np.linalg.norm(a) < 0.05  # stays on the sphere
     assert np.allclose(slerp(0.5, a, a * 1.0001), a * 1.00005, atol=1e-5)  # parallel: plain lerp
+
+
+@pytest.mark.parametrize("runtime", ["static", "onnx"])
+def test_exported_runtimes_interpolate_like_the_dynamic_model(paddle_library, exported, pipeline, seed_image, runtime):
+    folder, _ = exported
+    other = RiffusionPipeline.from_pretrained(paddle_library, exported=folder, runtime=runtime)
+    start, end = PromptInput("jazz", seed=1), PromptInput("rock", seed=2)
+    mask = Image.new("L", (64, 64), 255)
+    expected = pipeline.interpolate_latents(start, end, 0.4, seed_image, mask, STEPS).numpy()
+    got = other.interpolate_latents(start, end, 0.4, seed_image, mask, STEPS).numpy()
+    assert np.abs(expected - got).max() < 1e-3, np.abs(expected - got).max()
