@@ -231,7 +231,9 @@ def _load(library: Path, folder: str):
 
     cls = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel}[folder]
     try:
-        model = cls.from_pretrained(str(library / folder), paddle_dtype=paddle.float32)
+        # low_cpu_mem_usage: no random init before the weights load (full UNet: 4.4 s and 7.5 GB peak
+        # instead of 23.8 s and 10.9 GB)
+        model = cls.from_pretrained(str(library / folder), paddle_dtype=paddle.float32, low_cpu_mem_usage=True)
     except Exception as error:  # noqa: BLE001 - ppdiffusers raises many kinds; name the folder and the reason
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ExportError(f"{library / folder}: cannot load it with ppdiffusers: {reason}") from None

@@ -48,8 +48,8 @@ def nearest_resize(x: paddle.Tensor, size) -> paddle.Tensor:
     """
     shape = paddle.shape(x)
     for axis in (2, 3):
-        size_in = shape[axis].astype("int64")
-        size_out = paddle.to_tensor(size[axis - 2], dtype="int64") if isinstance(size[axis - 2], int) else size[axis - 2].astype("int64")
+        size_in, size_out = shape[axis].astype("int64"), size[axis - 2]
+        size_out = paddle.to_tensor(size_out, dtype="int64") if isinstance(size_out, int) else size_out.astype("int64")
         index = paddle.arange(size_out, dtype="int64") * size_in // size_out
         x = paddle.gather(x, index, axis=axis)
     return x

@@ -365,7 +365,7 @@ def load_pipeline(library: str | Path, exported: str | Path | None = None, unet:
             raise ValueError(f"{name}={backend!r} needs the export folder (exported=...)")
 
     def dynamic(cls, folder):
-        model = cls.from_pretrained(str(library / folder), paddle_dtype=paddle.float32)
+        model = cls.from_pretrained(str(library / folder), paddle_dtype=paddle.float32, low_cpu_mem_usage=True)
         model.eval()
         return model
 

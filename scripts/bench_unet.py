@@ -41,7 +41,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated subset of {','.join(BACKENDS)}")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--latent", type=int, default=64, help="latent height and width (64 = 512x512 pixels)")
-    p.add_argument("--repeats", type=int, default=1, help="timed steps after the first (warm-up) one")
+    p.add_argument("--repeats", type=int, default=2, help="timed steps after the first (warm-up) one; the median counts")
     p.add_argument("--threads", type=int, help="CPU threads per backend (default: all cores)")
     p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--fp16", action="store_true", help="gpu: half precision")
@@ -214,7 +214,7 @@ def _dynamic(args, data, threads):
     if not args.paddle_default_threads:
         use_all_cores(threads)
     dtype = paddle.float16 if args.fp16 else paddle.float32
-    model = UNet2DConditionModel.from_pretrained(str(args.model / "unet"), paddle_dtype=dtype)
+    model = UNet2DConditionModel.from_pretrained(str(args.model / "unet"), paddle_dtype=dtype, low_cpu_mem_usage=True)
     model.eval()
     sample = paddle.to_tensor(data["sample"]).astype(dtype)
     timestep = paddle.to_tensor(data["timestep"])
