@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from convert.output import atomic_folder, check_apart, check_destination
+from convert.source import read_json
 from export import runtime
 from export.errors import ExportError
 from export.specs import COMPONENTS, LATENT_FACTOR, SPECS, VALIDATION_SIZES, ComponentSpec
@@ -42,7 +43,7 @@ def check_library(library: Path, components: tuple[str, ...]) -> dict[str, dict]
     index_path = library / "model_index.json"
     if not index_path.is_file():
         raise ExportError(f"{library}: no model_index.json, not a converted library (make one with python -m convert)")
-    index = _read_json(index_path)
+    index = read_json(index_path)
     configs = {}
     for folder in dict.fromkeys(SPECS[name].folder for name in components):
         entry = index.get(folder)
@@ -60,7 +61,7 @@ def check_library(library: Path, components: tuple[str, ...]) -> dict[str, dict]
             raise ExportError(f"{part}: missing (model_index.json lists a {LIBRARY_CLASSES[folder]} there)")
         if not has_paddle:
             raise ExportError(f"{part}: missing its weights ({PADDLE_WEIGHTS[folder][0]})")
-        configs[folder] = _read_json(library / folder / "config.json")
+        configs[folder] = read_json(library / folder / "config.json")
     return configs
 
 
@@ -309,16 +310,4 @@ def _jsonable(value):
     if isinstance(value, (tuple, set)):
         return list(value)
     return str(value)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ExportError(f"{path}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ExportError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise ExportError(f"{path}: expected a JSON object")
-    return data
 

@@ -115,7 +115,7 @@ def _model_options(command) -> None:
     command.add_argument("--checkpoint", type=Path, required=True, help="a library made by python -m convert")
     command.add_argument("--export", type=Path, help="a folder made by python -m export: run its static or ONNX programs")
     command.add_argument("--runtime", choices=("dynamic", "static", "onnx"),
-                         help="default: static (Paddle Inference) with --export, else dynamic")
+                         help="default: the fastest the export holds (onnx, else static), dynamic without --export")
 
 
 def parser() -> argparse.ArgumentParser:

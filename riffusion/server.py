@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=3013)
     parser.add_argument("--export", help="a folder made by python -m export: run its static or ONNX programs")
     parser.add_argument("--runtime", choices=("dynamic", "static", "onnx"),
-                        help="default: static (Paddle Inference) with --export, else dynamic")
+                        help="default: the fastest the export holds (onnx, else static), dynamic without --export")
     args = parser.parse_args(argv)
     from pathlib import Path
 

@@ -75,3 +75,11 @@ def test_exported_runtimes_interpolate_like_the_dynamic_model(paddle_library, ex
     expected = pipeline.interpolate_latents(start, end, 0.4, seed_image, mask, STEPS).numpy()
     got = other.interpolate_latents(start, end, 0.4, seed_image, mask, STEPS).numpy()
     assert np.abs(expected - got).max() < 1e-3, np.abs(expected - got).max()
+
+
+def test_default_runtime_is_the_fastest_the_export_holds(paddle_library, exported):
+    from export.runtime import OnnxSession, UNetRuntime
+
+    folder, _ = exported
+    unet = RiffusionPipeline.from_pretrained(paddle_library, exported=folder).pipe.unet
+    assert isinstance(unet, UNetRuntime) and isinstance(unet.session, OnnxSession)
