@@ -174,7 +174,7 @@ def _trace(spec: ComponentSpec, model, config: dict, folder: Path, sizes, onnx: 
         _progress(quiet, f"{spec.name}: converting to ONNX")
         onnx_started = time.perf_counter()
         written = export_onnx(folder / runtime.STATIC_PROGRAM, weights, folder, tuple(item.name for item in spec.inputs),
-                              spec.outputs, quiet=quiet)
+                              spec.outputs, {item.name: item.dynamic_axes() for item in spec.inputs}, quiet=quiet)
         entry["files"] += [written["file"]] + ([written["external_data"]] if written["external_data"] else [])
         entry["onnx_seconds"] = round(time.perf_counter() - onnx_started, 3)
     del weights

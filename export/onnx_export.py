@@ -81,10 +81,12 @@ def _float32_attributes(op: dict) -> None:
 
 
 def export_onnx(program: Path, weights: dict, folder: Path, input_names: tuple[str, ...],
-                output_names: tuple[str, ...], quiet: bool = True) -> dict:
+                output_names: tuple[str, ...], dynamic_axes: dict[str, dict[int, str]] | None = None,
+                quiet: bool = True) -> dict:
     """Convert the saved program `program` (inference.json) into `folder`/model.onnx. `weights` maps each
-    parameter's program name to its value (a paddle Tensor or numpy array, read one at a time).
-    Returns what was written."""
+    parameter's program name to its value (a paddle Tensor or numpy array, read one at a time);
+    `dynamic_axes` names the inputs' dynamic dimensions ({"sample": {0: "batch"}}). Returns what was
+    written."""
     import onnx
     from onnx import TensorProto, numpy_helper
 
@@ -111,6 +113,15 @@ def export_onnx(program: Path, weights: dict, folder: Path, input_names: tuple[s
         node.input[:] = [renames.get(name, name) for name in node.input]
     for item in graph.output:
         item.name = renames[item.name]
+
+    # paddle2onnx leaves unused Constant nodes behind (onnxruntime warns about each when loading)
+    used = {name for node in graph.node for name in node.input} | {item.name for item in graph.output}
+    unused = [node for node in graph.node if node.op_type == "Constant" and not set(node.output) & used]
+    for node in unused:
+        graph.node.remove(node)
+    for item in graph.input:
+        for axis, name in (dynamic_axes or {}).get(item.name, {}).items():
+            item.type.tensor_type.shape.dim[axis].dim_param = name
 
     # parameters: inputs -> initializers
     kept = [item for item in graph.input if item.name not in weights]
