@@ -9,8 +9,10 @@ Backends:
 - "static": Paddle Inference on OUT/<component>/inference.json + inference.pdiparams.
   CPU: oneDNN on, `threads` math-library threads (default: every core this process may use).
   GPU (`device="gpu"`, needs paddlepaddle-gpu): `fp16=True` runs the program in half precision
-  (inputs and outputs stay float32); `tensorrt=True` hands supported subgraphs to TensorRT
-  (dynamic shapes are collected on the first calls). Not tested here: no GPU on these machines.
+  (inputs and outputs stay float32); `tensorrt=True` hands supported subgraphs to TensorRT: the
+  first such session runs without it and records tensor shape ranges in
+  OUT/<component>/shape_range_info.pbtxt, later ones build engines for them. Not tested here: no
+  GPU on these machines.
 - "onnx": onnxruntime on OUT/<component>/model.onnx, `threads` intra-op threads.
   GPU (`device="gpu"`, needs onnxruntime-gpu): CUDAExecutionProvider, with `tensorrt=True`
   TensorrtExecutionProvider first (fp16 when `fp16=True`). Not tested here.
@@ -36,7 +38,7 @@ BACKENDS = ("dynamic", "static", "onnx")
 STATIC_PROGRAM = "inference.json"
 STATIC_PARAMS = "inference.pdiparams"
 ONNX_MODEL = "model.onnx"
-CONFIG_NAME = "config.json"  # the component's model config, copied from the library at export
+CONFIG_NAME = "config.json"  # the model config as ppdiffusers loaded it (defaults filled in), written at export
 
 
 def cpu_count() -> int:
@@ -89,14 +91,15 @@ class PaddleInferenceSession:
             precision = paddle_infer.PrecisionType.Half if fp16 else paddle_infer.PrecisionType.Float32
             config.enable_use_gpu(gpu_memory_mb, device_id, precision)
             if tensorrt:
-                # dynamic shapes: TensorRT builds engines for the shape ranges seen while running
+                # TensorRT needs the shape range of every tensor: the first session records them while it
+                # runs without TensorRT; later sessions build engines for those ranges
                 shape_file = folder / "shape_range_info.pbtxt"
                 if shape_file.is_file():
+                    config.enable_tensorrt_engine(workspace_size=1 << 30, max_batch_size=1, min_subgraph_size=3,
+                                                  precision_mode=precision, use_static=False, use_calib_mode=False)
                     config.enable_tuned_tensorrt_dynamic_shape(str(shape_file), True)
                 else:
                     config.collect_shape_range_info(str(shape_file))
-                config.enable_tensorrt_engine(workspace_size=1 << 30, max_batch_size=1, min_subgraph_size=3,
-                                              precision_mode=precision, use_static=False, use_calib_mode=False)
         elif device == "cpu":
             config.disable_gpu()
             config.set_cpu_math_library_num_threads(threads or cpu_count())
