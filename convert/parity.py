@@ -1,7 +1,11 @@
 """Numeric parity: the same inputs through the torch original (diffusers, transformers) and the
 converted ppdiffusers library, per part and end to end.
 
-python -m convert.parity --torch SRC --paddle DIR [--json FILE]     exit 1 when any check fails
+python -m convert.parity --torch SRC --paddle DIR [--exported EXPORT] [--json FILE]     exit 1 when any check fails
+
+With `--exported` (a folder made by `python -m export`), the static (Paddle Inference) and ONNX
+programs it holds are compared with the same torch references too: `unet[static]`, `unet[onnx]`, ...,
+and, when all of UNet, text encoder and VAE are exported, the end-to-end `pipeline[static]` / `pipeline[onnx]`.
 
 Errors are absolute (max |torch - paddle|); the relative figure is max_abs / max |torch|. When the
 library was written in float16 the torch reference gets the same float16-rounded weights, so both
@@ -70,10 +74,26 @@ def compare(name: str, reference, candidate, tolerance: float | None = None, det
 class Sides:
     """Loads each part of both models on demand, one part at a time."""
 
-    def __init__(self, torch_folder: Path, paddle_folder: Path):
+    def __init__(self, torch_folder: Path, paddle_folder: Path, exported: Path | None = None):
         self.torch_folder = Path(torch_folder)
         self.paddle_folder = Path(paddle_folder)
+        self.exported = Path(exported) if exported else None
         self.half_weights = _weights_are_half(self.paddle_folder)
+        if self.exported and not self.exported.is_dir():
+            raise ConversionError(f"{self.exported}: no such export folder")
+
+    def backends(self, *components: str) -> list[str]:
+        """The exported runtimes ("static", "onnx") available for every one of `components`."""
+        if self.exported is None:
+            return []
+        files = {"static": "inference.json", "onnx": "model.onnx"}
+        return [backend for backend, name in files.items()
+                if all((self.exported / component / name).is_file() for component in components)]
+
+    def runtime(self, component: str, backend: str):
+        from export.runtime import load_component
+
+        return load_component(self.exported, component, backend)
 
     def torch_model(self, cls, name: str):
         import torch
@@ -110,7 +130,8 @@ def quiet_libraries() -> None:
     logging.getLogger("paddle").setLevel(logging.ERROR)
 
 
-def run_parity(torch_src: str, paddle_dir: Path, steps: int = 3, latent_size: int | None = None) -> tuple[list[Check], dict]:
+def run_parity(torch_src: str, paddle_dir: Path, steps: int = 3, latent_size: int | None = None,
+               exported: Path | None = None) -> tuple[list[Check], dict]:
     import paddle
     import torch
 
@@ -119,7 +140,7 @@ def run_parity(torch_src: str, paddle_dir: Path, steps: int = 3, latent_size: in
     quiet_libraries()
     torch.manual_seed(0)
     paddle.seed(0)
-    sides = Sides(resolve(torch_src), Path(paddle_dir))
+    sides = Sides(resolve(torch_src), Path(paddle_dir), exported)
     unet_config = json.loads((sides.paddle_folder / "unet" / "config.json").read_text())
     latent = latent_size or min(int(unet_config.get("sample_size", 64)), 32)
     settings = {"latent_size": latent, "image_size": latent * 8, "steps": steps, "half_weights": sides.half_weights}
@@ -167,6 +188,13 @@ def _text_encoder_checks(sides: Sides) -> list[Check]:
     ]
     del model
     _release()
+    for backend in sides.backends("text_encoder"):
+        output = sides.runtime("text_encoder", backend)(ids)
+        name = f"text_encoder[{backend}]"
+        checks.append(compare(name, hidden, output.last_hidden_state.numpy(), TOLERANCES["text_encoder"],
+                              f"last_hidden_state {list(hidden.shape)}"))
+        checks.append(compare(name, pooled, output.pooler_output.numpy(), TOLERANCES["text_encoder"],
+                              f"pooler_output {list(pooled.shape)}"))
     return checks
 
 
@@ -188,7 +216,13 @@ def _unet_checks(sides: Sides, latent: int, config: dict) -> list[Check]:
     output = model(paddle.to_tensor(sample), paddle.to_tensor(timesteps), paddle.to_tensor(context)).sample.numpy()
     del model
     _release()
-    return [compare("unet", reference, output, detail=f"noise prediction, batch 2, {latent}x{latent} latents")]
+    detail = f"noise prediction, batch 2, {latent}x{latent} latents"
+    checks = [compare("unet", reference, output, detail=detail)]
+    for backend in sides.backends("unet"):
+        output = sides.runtime("unet", backend)(sample, timesteps, context).sample.numpy()
+        checks.append(compare(f"unet[{backend}]", reference, output, TOLERANCES["unet"], detail))
+        _release()
+    return checks
 
 
 def _vae_checks(sides: Sides, latent: int) -> list[Check]:
@@ -212,6 +246,14 @@ def _vae_checks(sides: Sides, latent: int) -> list[Check]:
     ]
     del model
     _release()
+    for backend in sides.backends("vae_encoder"):
+        output = sides.runtime("vae_encoder", backend).run(sample=image)[0]
+        mean_out = np.split(output, 2, axis=1)[0]  # the encoder's moments: mean, then log-variance
+        checks.append(compare(f"vae_encode[{backend}]", mean, mean_out, TOLERANCES["vae_encode"], "latent_dist.mean"))
+    for backend in sides.backends("vae_decoder"):
+        output = sides.runtime("vae_decoder", backend).run(latent_sample=latents)[0]
+        checks.append(compare(f"vae_decode[{backend}]", decoded, output, TOLERANCES["vae_decode"],
+                              f"{latent * 8}x{latent * 8} image"))
     return checks
 
 
@@ -265,7 +307,17 @@ def _pipeline_checks(sides: Sides, latent: int, steps: int) -> list[Check]:
     output = pipe(latents=paddle.to_tensor(latents), **call).images
     del pipe
     _release()
-    return [compare("pipeline", reference, output, detail=f"{steps} PNDM steps, guidance 7, {latent * 8}px image in [0,1]")]
+    detail = f"{steps} PNDM steps, guidance 7, {latent * 8}px image in [0,1]"
+    checks = [compare("pipeline", reference, output, detail=detail)]
+    for backend in sides.backends("unet", "text_encoder", "vae_encoder", "vae_decoder"):
+        from export.runtime import load_pipeline
+
+        pipe = load_pipeline(sides.paddle_folder, sides.exported, unet=backend, text_encoder=backend, vae=backend)
+        output = pipe(latents=paddle.to_tensor(latents), **call).images
+        checks.append(compare(f"pipeline[{backend}]", reference, output, TOLERANCES["pipeline"], detail))
+        del pipe
+        _release()
+    return checks
 
 
 def _weights_are_half(folder: Path) -> bool:
@@ -281,11 +333,11 @@ def _release() -> None:
 
 
 def format_table(checks: list[Check]) -> str:
-    rows = [f"{'check':<16} {'max abs':>10} {'max rel':>10} {'tolerance':>10}  result  what"]
+    rows = [f"{'check':<20} {'max abs':>10} {'max rel':>10} {'tolerance':>10}  result  what"]
     for check in checks:
         tolerance = "exact" if check.tolerance == 0 else f"{check.tolerance:.0e}"
         rows.append(
-            f"{check.name:<16} {check.max_abs:>10.2e} {check.max_rel:>10.2e} {tolerance:>10}  "
+            f"{check.name:<20} {check.max_abs:>10.2e} {check.max_rel:>10.2e} {tolerance:>10}  "
             f"{'ok' if check.passed else 'FAIL':<6}  {check.detail}"
         )
     return "\n".join(rows)
@@ -313,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m convert.parity", description="torch vs Paddle parity of a converted library")
     parser.add_argument("--torch", required=True, help="the torch source: Hub id or diffusers folder")
     parser.add_argument("--paddle", required=True, type=Path, help="the converted ppdiffusers library")
+    parser.add_argument("--exported", type=Path, help="an export of the library (python -m export): also compare its "
+                        "static and ONNX programs with torch")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--steps", type=int, default=3, help="denoising steps of the end-to-end run")
     parser.add_argument("--latent-size", type=int, help="latent height/width (default: the UNet's sample_size, at most 32)")
@@ -320,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not (args.paddle / "model_index.json").is_file():
             raise ConversionError(f"{args.paddle}: not a converted library (no model_index.json)")
-        checks, settings = run_parity(args.torch, args.paddle, steps=args.steps, latent_size=args.latent_size)
+        checks, settings = run_parity(args.torch, args.paddle, steps=args.steps, latent_size=args.latent_size,
+                                      exported=args.exported)
     except ConversionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
