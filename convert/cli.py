@@ -1,4 +1,5 @@
-"""python -m convert --src SRC --out DIR: a torch diffusers repo (Hub id or folder) -> ppdiffusers library."""
+"""python -m convert --src SRC --out DIR: a torch diffusers repo (Hub id or folder) -> ppdiffusers library;
+with --release, the complete Hub release folder (library, single file, exports, seed images, card, manifest)."""
 
 from __future__ import annotations
 
@@ -22,16 +23,29 @@ def parser() -> argparse.ArgumentParser:
                    "tokenizer and scheduler from (default: built-in Stable Diffusion v1 configs)")
     p.add_argument("--ema", action="store_true", help="single-file sources: take the EMA UNet weights (model_ema.*). "
                    "Off by default: the plain weights are what diffusers, ppdiffusers and WebUI tools load from it")
+    p.add_argument("--revision", help="Hub sources: the branch, tag or commit to convert (default: main)")
+    release = p.add_argument_group("release", "--release writes the complete Hub folder (see convert/release.py)")
+    release.add_argument("--release", action="store_true", help="also write the compiled single file, the static and "
+                         "ONNX exports, the seed images, README.md (the model card) and manifest.json into --out")
+    release.add_argument("--repo-id", help="the Hub repo the release will be published to (named in the model card)")
+    release.add_argument("--export-components", help="comma-separated subset of unet,text_encoder,vae_encoder,"
+                         "vae_decoder to export (default: all)")
+    release.add_argument("--no-onnx", action="store_true", help="static Paddle programs only, no model.onnx")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.release:
+        return _release(args)
     try:
         from convert.library import convert_library
+        from convert.source import resolve
 
         check = None
         single_file = Path(args.src).is_file()
+        if args.revision and not single_file:
+            args.src = str(resolve(args.src, args.revision))
         if single_file and not args.no_check:
             print("parity: not run for a single-file source; compare against its diffusers repo with convert.parity")
         if not args.no_check and not single_file:
@@ -45,4 +59,26 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     parts = ", ".join(f"{name} {part['mapped']} tensors" for name, part in report["parts"].items())
     print(f"wrote {args.out} ({parts}; {report['seconds']:.1f} s)")
+    return 0
+
+
+def _release(args) -> int:
+    from convert.release import build_release
+
+    try:
+        from export.exporter import parse_components
+
+        manifest = build_release(args.src, args.out, revision=args.revision, repo_id=args.repo_id, dtype=args.dtype,
+                                 overwrite=args.overwrite, quiet=args.quiet, check=not args.no_check,
+                                 config=args.config, ema=args.ema, components=parse_components(args.export_components),
+                                 onnx=not args.no_onnx)
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    total = sum(entry["bytes"] for entry in manifest["files"].values())
+    library = manifest["parity"]["library"]
+    parity = (f"{len(library['checks'])} parity checks passed" if library.get("checks")
+              else f"parity vs torch not run ({library['reason']})")
+    print(f"wrote release {args.out}: {len(manifest['files'])} files, {total / 1e9:.2f} GB; {parity}; "
+          f"check it with: python -m convert.verify {args.out}")
     return 0

@@ -52,6 +52,12 @@ PARTS = {
     ("transformers", "CLIPTokenizer"): CLIP_TOKENIZER,
     ("transformers", "CLIPFeatureExtractor"): CLIP_IMAGE_PROCESSOR,
     ("transformers", "CLIPImageProcessor"): CLIP_IMAGE_PROCESSOR,
+    # a converted library's own entries: it can be the --config of a single-file source
+    ("ppdiffusers", "UNet2DConditionModel"): UNET,
+    ("ppdiffusers", "AutoencoderKL"): VAE,
+    ("ppdiffusers.transformers", "CLIPTextModel"): CLIP_TEXT,
+    ("ppdiffusers.transformers", "CLIPTokenizer"): CLIP_TOKENIZER,
+    ("ppdiffusers.transformers", "CLIPImageProcessor"): CLIP_IMAGE_PROCESSOR,
 }
 
 # The pipelines we convert, with the parts each must have and those it may leave out ([null, null]).

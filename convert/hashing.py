@@ -17,7 +17,7 @@ class Hasher:
     def submit(self, path: Path) -> None:
         path = Path(path).resolve()
         if path not in self._futures:
-            self._futures[path] = self._pool.submit(_sha256, path, self._cancelled)
+            self._futures[path] = self._pool.submit(sha256_file, path, self._cancelled)
 
     def result(self, path: Path) -> str:
         self.submit(path)
@@ -31,11 +31,12 @@ class Hasher:
         self._pool.shutdown(wait=True)
 
 
-def _sha256(path: Path, cancelled: threading.Event) -> str | None:
+def sha256_file(path: Path, cancelled: threading.Event | None = None) -> str | None:
+    """Hex sha256 of a file; None when `cancelled` is set before the end."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while chunk := handle.read(8 * 2**20):
-            if cancelled.is_set():
+            if cancelled is not None and cancelled.is_set():
                 return None
             digest.update(chunk)
     return digest.hexdigest()

@@ -102,7 +102,7 @@ def _paddle_part(folder: Path, name: str, entry) -> Part:
     if not (isinstance(entry, list) and len(entry) == 2):
         raise ConversionError(f"{folder / 'model_index.json'}: entry {name!r} should be [library, class], got {entry!r}")
     library, cls = entry
-    if name == "scheduler" and library == "diffusers":
+    if name == "scheduler" and library in ("diffusers", "ppdiffusers"):
         import ppdiffusers
 
         if hasattr(ppdiffusers, cls):

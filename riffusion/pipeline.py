@@ -51,20 +51,31 @@ class RiffusionPipeline:
     @classmethod
     def from_pretrained(cls, checkpoint: str, progress: bool = False, exported: str | None = None,
                         runtime: str | None = None) -> "RiffusionPipeline":
-        """`exported`: a folder made by `python -m export`; its UNet, text encoder and VAE then run in
-        `runtime`: "onnx" (onnxruntime) or "static" (Paddle Inference). The default is the fastest the
-        export holds: onnx when it was exported with --onnx (full-size UNet step on 2 CPU cores:
-        onnxruntime 12.2 s, Paddle Inference 13.8 s, Paddle dynamic 37.4 s), else static. Without an
-        export everything runs in Paddle dynamic mode."""
+        """`exported`: a folder made by `python -m export`; for a release folder (`convert --release`) its
+        own `export/` is used when `exported` is not given. Its UNet, text encoder and VAE then run in
+        `runtime`: "onnx" (onnxruntime) or "static" (Paddle Inference); parts the export lacks stay
+        dynamic. The default is the fastest the export holds: onnx when it was exported with --onnx
+        (full-size UNet step on 2 CPU cores: onnxruntime 12.2 s, Paddle Inference 13.8 s, Paddle
+        dynamic 37.4 s), else static. Without an export, or with runtime="dynamic", everything runs in
+        Paddle dynamic mode."""
         from pathlib import Path
 
+        from convert.release import EXPORT_FOLDER
         from export.runtime import load_pipeline
 
+        if exported is None and runtime != "dynamic" and (Path(checkpoint) / EXPORT_FOLDER / "unet").is_dir():
+            exported = Path(checkpoint) / EXPORT_FOLDER
         if runtime is None:
             has_onnx = exported is not None and (Path(exported) / "unet" / "model.onnx").is_file()
             runtime = "dynamic" if exported is None else ("onnx" if has_onnx else "static")
+
+        def backend(*components: str) -> str:
+            present = exported is not None and all((Path(exported) / name).is_dir() for name in components)
+            return runtime if present else "dynamic"
+
         # Spectrograms are not photographs: riffusion-hobby runs without the NSFW image filter too.
-        pipe = load_pipeline(checkpoint, exported, unet=runtime, text_encoder=runtime, vae=runtime)
+        pipe = load_pipeline(checkpoint, exported, unet=backend("unet"), text_encoder=backend("text_encoder"),
+                             vae=backend("vae_encoder", "vae_decoder"))
         return cls(pipe, progress)
 
     @property
