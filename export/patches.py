@@ -20,6 +20,10 @@ The dynamic models cannot be traced as they are with dynamic batch, height and w
 - paddle2onnx 2.1.0 converts group_norm on 4-D inputs only, and the VAE's attention normalises a
   [batch, channels, tokens] tensor. `GroupNorm4D` runs the same GroupNorm on [batch, channels,
   tokens, 1].
+- Paddle Inference materialises each [batch, heads, tokens, tokens] score matrix of a plain
+  attention (full UNet, batch 2, 64x64 latents: 4096 tokens, most of a step's time).
+  `FusableSelfAttention` writes self-attention as the op sequence oneDNN's `self_attention_fuse_pass`
+  turns into `self_dp_attention`, a blocked kernel that never holds the whole score matrix.
 - CLIP's text transformer reads `input_ids.shape` as Python ints (`-1` once traced) for its causal
   mask, position ids, pooling index and the attention's reshapes. `TextEncoderForExport` and
   `ShapeFreeCLIPAttention` compute the same thing from shape tensors.
@@ -102,6 +106,45 @@ class ShapeFreeCLIPAttention(nn.Layer):
         return inner.out_proj(output), None
 
 
+class FusableSelfAttention(nn.Layer):
+    """Stands in for a ppdiffusers `Attention` run by the plain `AttnProcessor` while tracing.
+
+    Self-attention becomes the pattern of Paddle Inference's oneDNN `self_attention_fuse_pass`: q, k, v
+    stacked into [batch, tokens, 3, heads, head_dim], transposed and sliced apart, k transposed by an op
+    of its own, matmul, softmax, matmul, transpose. The fused op takes no softmax scale, so q is scaled
+    before the stack. The output is flattened rather than reshaped: a reshape there would be fused
+    with the last matmul by an earlier pass, and the attention pattern would no longer match.
+    Cross-attention (encoder states or a mask given) runs the original layer.
+    """
+
+    def __init__(self, original):
+        super().__init__()
+        self.inner = original
+
+    def forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        attn = self.inner
+        if encoder_hidden_states is not None or attention_mask is not None:
+            return attn(hidden_states, encoder_hidden_states=encoder_hidden_states, attention_mask=attention_mask,
+                        **kwargs)
+        residual = hidden_states
+        images = hidden_states.ndim == 4
+        if images:
+            hidden_states = hidden_states.flatten(2).transpose([0, 2, 1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose([0, 2, 1])).transpose([0, 2, 1])
+        qkv = paddle.stack([attn.to_q(hidden_states) * attn.scale, attn.to_k(hidden_states),
+                            attn.to_v(hidden_states)], axis=2)
+        qkv = qkv.reshape([0, 0, 3, attn.heads, attn.head_dim]).transpose([2, 0, 3, 1, 4])
+        weights = F.softmax(paddle.matmul(qkv[0], qkv[1].transpose([0, 1, 3, 2])), axis=-1)
+        hidden_states = paddle.matmul(weights, qkv[2]).transpose([0, 2, 1, 3]).flatten(2)
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if images:
+            hidden_states = hidden_states.transpose([0, 2, 1]).reshape(paddle.shape(residual))
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
 class GroupNorm4D(nn.Layer):
     """Stands in for a `paddle.nn.GroupNorm`: 3-D inputs get a trailing axis of 1 for the op."""
 
@@ -151,6 +194,7 @@ def _swap(model: nn.Layer, wanted, factory, swapped: list) -> None:
 @contextlib.contextmanager
 def export_patches(model: nn.Layer):
     """Swap the layers tracing cannot take for their export stand-ins; restore them on exit."""
+    from ppdiffusers.models.attention_processor import Attention, AttnProcessor
     from ppdiffusers.models.embeddings import Timesteps
     from ppdiffusers.models.resnet import Upsample2D
     from ppdiffusers.transformers.clip.modeling import CLIPAttention
@@ -159,6 +203,8 @@ def export_patches(model: nn.Layer):
     try:
         _swap(model, lambda layer: isinstance(layer, Upsample2D), NearestUpsample, swapped)
         _swap(model, lambda layer: isinstance(layer, CLIPAttention), ShapeFreeCLIPAttention, swapped)
+        _swap(model, lambda layer: (isinstance(layer, Attention) and type(layer.processor) is AttnProcessor
+                                    and layer.spatial_norm is None), FusableSelfAttention, swapped)
         _swap(model, lambda layer: isinstance(layer, Timesteps), SinusoidalTimesteps, swapped)
         _swap(model, lambda layer: isinstance(layer, nn.GroupNorm), GroupNorm4D, swapped)
         yield model

@@ -77,6 +77,7 @@ class PaddleInferenceSession:
                  tensorrt: bool = False, onednn: bool = True, gpu_memory_mb: int = 1024, device_id: int = 0):
         import paddle
         import paddle.inference as paddle_infer
+        from paddle.base import core
 
         paddle.set_flags({"FLAGS_pir_apply_inplace_pass": False})
         folder = Path(folder)
@@ -105,6 +106,9 @@ class PaddleInferenceSession:
             config.set_cpu_math_library_num_threads(threads or cpu_count())
             if onednn:
                 config.enable_onednn()
+                if not core.supports_avx512f():
+                    # its fused kernel (the exported self-attention matches it) is AVX-512 code
+                    config.delete_pass("self_attention_fuse_pass")
             else:
                 config.disable_onednn()
         else:
