@@ -292,3 +292,26 @@ def test_riffusion_runs_a_release_on_its_exported_unet(release):
     assert np.asarray(image).shape == (64, 64, 3)
     dynamic = RiffusionPipeline.from_pretrained(str(release), runtime="dynamic")
     assert not isinstance(dynamic.pipe.unet, UNetRuntime)
+
+
+def test_the_cards_loading_line_works_from_the_hub_cache(release, tmp_path):
+    """What the card tells users to run, against the release laid out as a Hub download (offline)."""
+    import os
+    import subprocess
+    import sys
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / ("models--" + REPO_ID.replace("/", "--"))
+    shutil.copytree(release, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    code = (f"from ppdiffusers import StableDiffusionPipeline\n"
+            f"pipe = StableDiffusionPipeline.from_pretrained({REPO_ID!r}, from_hf_hub=True)\n"
+            f"print(float(pipe.unet.conv_in.weight.abs().sum()))\n")
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    from safetensors.numpy import load_file
+
+    expected = np.abs(load_file(release / "unet" / "diffusion_paddle_model.safetensors")["conv_in.weight"]).sum()
+    assert abs(float(result.stdout.strip().splitlines()[-1]) - float(expected)) < 1e-3
