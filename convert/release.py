@@ -28,7 +28,7 @@ import numpy as np
 
 from convert.errors import ConversionError
 from convert.manifest import MANIFEST_VERSION, describe_files, release_files, write_manifest
-from convert.output import atomic_folder, check_destination
+from convert.output import atomic_folder, check_apart, check_destination
 from convert.source import resolve
 
 EXPORT_FOLDER = "export"
@@ -57,6 +57,7 @@ def build_release(src: str, out: Path, *, revision: str | None = None, repo_id: 
     single_source = Path(src).is_file()
     # resolved once, so that conversion and parity read the same snapshot of a Hub repo
     source_folder = None if single_source else resolve(src, revision)
+    check_apart(out, Path(src) if single_source else source_folder)
     stem = source_name(src)
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
     with atomic_folder(out, overwrite) as staging, \
@@ -68,7 +69,7 @@ def build_release(src: str, out: Path, *, revision: str | None = None, repo_id: 
         _step(quiet, "compiled single file")
         single = work / f"{stem}.safetensors"
         write_single_file(str(staging), single, dtype=dtype, quiet=quiet)
-        single_parity = check_single_file(single, staging, work / "read-back")
+        single_parity = check_single_file(single, staging, work / "read-back", dtype)
         if not single_parity["passed"]:
             raise ConversionError(f"{single.name}: reading it back gives other tensors than the library "
                                   f"({single_parity['differ']} differ): nothing written")
@@ -151,14 +152,14 @@ def package_versions() -> dict[str, str]:
     return found
 
 
-def check_single_file(single: Path, library: Path, work: Path) -> dict:
+def check_single_file(single: Path, library: Path, work: Path, dtype: str = "float32") -> dict:
     """Read the single file back into a library (configs from `library`) and compare every weight
     tensor with the library's, bitwise: proves the LDM names and layouts go both ways."""
     from safetensors import safe_open
 
     from convert.library import convert_library
 
-    convert_library(str(single), work, quiet=True, config=str(library))
+    convert_library(str(single), work, dtype=dtype, quiet=True, config=str(library))
     tensors = differ = 0
     for path in sorted(work.glob("*/*.safetensors")):
         relative = path.relative_to(work)
