@@ -159,22 +159,33 @@ def make_server(pipeline, host: str = "127.0.0.1", port: int = 3013,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m riffusion.server", description="riffusion-app's inference server on Paddle")
-    parser.add_argument("--checkpoint", required=True, help="a ppdiffusers library made by `python -m convert`")
+    parser.add_argument("--checkpoint", required=True, help="a ppdiffusers library made by `python -m convert` "
+                        "(a release folder brings its own export/ and seed_images/)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=3013)
     parser.add_argument("--export", help="a folder made by python -m export: run its static or ONNX programs")
     parser.add_argument("--runtime", choices=("dynamic", "static", "onnx"),
                         help="default: the fastest the export holds (onnx, else static), dynamic without --export")
+    parser.add_argument("--seed-images", help="folder of seed images and masks (default: the release's seed_images/, "
+                        "else the built-in library)")
     args = parser.parse_args(argv)
     from pathlib import Path
+
+    from convert.release import SEED_FOLDER
 
     if not (Path(args.checkpoint) / "model_index.json").is_file():
         print(f"error: {args.checkpoint}: not a converted library (no model_index.json)", file=sys.stderr)
         return 1
+    seed_folder = Path(args.seed_images) if args.seed_images else Path(args.checkpoint) / SEED_FOLDER
+    if not seed_images.seed_ids(seed_folder):
+        if args.seed_images:
+            print(f"error: {seed_folder}: no seed images (*.png) there", file=sys.stderr)
+            return 1
+        seed_folder = seed_images.FOLDER
     from riffusion.pipeline import RiffusionPipeline
 
     pipeline = RiffusionPipeline.from_pretrained(args.checkpoint, exported=args.export, runtime=args.runtime)
-    server = make_server(pipeline, args.host, args.port)
+    server = make_server(pipeline, args.host, args.port, seed_folder)
     print(f"serving riffusion on http://{args.host}:{server.server_port}/run_inference/", flush=True)
     try:
         server.serve_forever()

@@ -134,3 +134,10 @@ def test_concurrent_requests_do_not_corrupt_each_other(narrow_url):
         concurrent = list(pool.map(run, requests_))
     assert concurrent == sequential
     assert len(set(sequential)) == 3
+
+
+def test_server_refuses_a_seed_folder_without_images(paddle_library, tmp_path, capsys):
+    from riffusion.server import main
+
+    assert main(["--checkpoint", str(paddle_library), "--seed-images", str(tmp_path)]) == 1
+    assert f"{tmp_path}: no seed images (*.png) there" in capsys.readouterr().err
