@@ -30,6 +30,7 @@ def render_card(manifest: dict, template: Path = TEMPLATE) -> str:
         "export_folder": artefacts["export"]["folder"],
         "seed_folder": artefacts["seed_images"]["folder"],
         "artefacts_table": artefacts_table(manifest),
+        "signatures_table": signatures_table(artefacts["export"]["signatures"]),
         "parity_table": parity_table(manifest["parity"]),
         "versions_table": _table(["package", "version"], [[name, f"`{v}`"] for name, v in manifest["versions"].items()]),
     }
@@ -66,6 +67,15 @@ def artefacts_table(manifest: dict) -> str:
     rows.append([f"seed images for riffusion-app: {len(seeds['seeds'])} seeds, {len(seeds['masks'])} masks",
                  f"`{seeds['folder']}/*.png`", size(seed_files)])
     return _table(["what", "files", "size"], rows)
+
+
+def signatures_table(signatures: dict) -> str:
+    rows = []
+    for component, signature in signatures.items():
+        inputs = ", ".join(f"`{item['name']}` {item['dtype']} [{', '.join(map(str, item['shape']))}]"
+                           for item in signature["inputs"])
+        rows.append([f"`{component}`", inputs, ", ".join(f"`{name}`" for name in signature["outputs"])])
+    return _table(["program", "inputs", "outputs"], rows)
 
 
 def parity_table(parity: dict) -> str:

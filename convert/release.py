@@ -97,7 +97,7 @@ def build_release(src: str, out: Path, *, revision: str | None = None, repo_id: 
                             "parts": _library_parts(staging)},
                 "single_file": {"file": single.name, "config": single.with_suffix(".yaml").name},
                 "export": {"folder": EXPORT_FOLDER, "components": list(components), "onnx": onnx,
-                           "report": f"{EXPORT_FOLDER}/export_report.json"},
+                           "report": f"{EXPORT_FOLDER}/export_report.json", "signatures": signatures(export_report)},
                 "seed_images": {"folder": SEED_FOLDER, "seeds": seeds, "masks": masks},
                 "model_card": CARD_NAME,
             },
@@ -174,6 +174,19 @@ def check_single_file(single: Path, library: Path, work: Path, dtype: str = "flo
                 differ += not (a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a.view(np.uint8), b.view(np.uint8)))
     shutil.rmtree(work)
     return {"tensors": tensors, "differ": differ, "passed": tensors > 0 and differ == 0}
+
+
+def signatures(export_report: dict) -> dict[str, dict]:
+    """Per exported component: its inputs (name, dtype, shape with dynamic axes named) and outputs."""
+    result = {}
+    for component, entry in export_report["components"].items():
+        inputs = []
+        for item in entry["inputs"]:
+            names = {int(axis): name for axis, name in item["dynamic_axes"].items()}  # str keys once read from JSON
+            shape = [names.get(axis, size) for axis, size in enumerate(item["shape"])]
+            inputs.append({"name": item["name"], "dtype": item["dtype"], "shape": shape})
+        result[component] = {"inputs": inputs, "outputs": entry["outputs"]}
+    return result
 
 
 def export_checks(export_report: dict) -> list[dict]:

@@ -108,6 +108,7 @@ def test_card_renders_with_real_numbers(release, manifest):
         assert f"| `{name}` |" in card and f"{library[name]['max_abs']:.2e}" in card, name
     assert f'from_pretrained("{REPO_ID}", from_hf_hub=True)' in card
     assert "riffusion-tiny.safetensors" in card and "export/unet/model.onnx" in card
+    assert "| `unet` | `sample` float32 [batch, 4, height, width], `timestep` float32 [steps], " in card
     assert "CreativeML OpenRAIL-M" in card and "Forsgren" in card
     assert f"`{manifest['versions']['ppdiffusers']}`" in card
 
