@@ -109,11 +109,11 @@ class ShapeFreeCLIPAttention(nn.Layer):
 class FusableSelfAttention(nn.Layer):
     """Stands in for a ppdiffusers `Attention` run by the plain `AttnProcessor` while tracing.
 
-    Self-attention becomes the pattern of Paddle Inference's oneDNN `self_attention_fuse_pass`: q, k, v
-    stacked into [batch, tokens, 3, heads, head_dim], transposed and sliced apart, k transposed by an op
-    of its own, matmul, softmax, matmul, transpose. The fused op takes no softmax scale, so q is scaled
-    before the stack. The output is flattened rather than reshaped: a reshape there would be fused
-    with the last matmul by an earlier pass, and the attention pattern would no longer match.
+    Self-attention becomes the pattern of Paddle Inference's oneDNN `self_attention_fuse_pass`: one
+    projection to [batch, tokens, 3, heads, head_dim], transposed and sliced into q, k and v, k
+    transposed by an op of its own, matmul, softmax, matmul, transpose. The fused op takes no softmax
+    scale, so it is folded into the query weights. The output is flattened rather than reshaped: an
+    earlier pass would fuse a reshape there with the last matmul, and the pattern would no longer match.
     Cross-attention (encoder states or a mask given) runs the original layer.
     """
 
@@ -132,9 +132,11 @@ class FusableSelfAttention(nn.Layer):
             hidden_states = hidden_states.flatten(2).transpose([0, 2, 1])
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose([0, 2, 1])).transpose([0, 2, 1])
-        qkv = paddle.stack([attn.to_q(hidden_states) * attn.scale, attn.to_k(hidden_states),
-                            attn.to_v(hidden_states)], axis=2)
-        qkv = qkv.reshape([0, 0, 3, attn.heads, attn.head_dim]).transpose([2, 0, 3, 1, 4])
+        q, k, v = attn.to_q, attn.to_k, attn.to_v
+        weight = paddle.concat([q.weight * attn.scale, k.weight, v.weight], axis=1)
+        bias = None if q.bias is None else paddle.concat([q.bias * attn.scale, k.bias, v.bias])
+        qkv = F.linear(hidden_states, weight, bias).reshape([0, 0, 3, attn.heads, attn.head_dim])
+        qkv = qkv.transpose([2, 0, 3, 1, 4])
         weights = F.softmax(paddle.matmul(qkv[0], qkv[1].transpose([0, 1, 3, 2])), axis=-1)
         hidden_states = paddle.matmul(weights, qkv[2]).transpose([0, 2, 1, 3]).flatten(2)
         hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
@@ -143,6 +145,18 @@ class FusableSelfAttention(nn.Layer):
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+def _fusable(layer) -> bool:
+    """A ppdiffusers `Attention` whose self-attention `FusableSelfAttention` computes: the plain processor,
+    no spatial norm, q/k/v projections that are plain linear layers (no LoRA), all with or all without bias."""
+    from ppdiffusers.models.attention_processor import Attention, AttnProcessor
+
+    if not isinstance(layer, Attention) or type(layer.processor) is not AttnProcessor or layer.spatial_norm is not None:
+        return False
+    projections = (layer.to_q, layer.to_k, layer.to_v)
+    return (all(getattr(item, "lora_layer", None) is None for item in projections)
+            and len({item.bias is None for item in projections}) == 1)
 
 
 class GroupNorm4D(nn.Layer):
@@ -194,7 +208,6 @@ def _swap(model: nn.Layer, wanted, factory, swapped: list) -> None:
 @contextlib.contextmanager
 def export_patches(model: nn.Layer):
     """Swap the layers tracing cannot take for their export stand-ins; restore them on exit."""
-    from ppdiffusers.models.attention_processor import Attention, AttnProcessor
     from ppdiffusers.models.embeddings import Timesteps
     from ppdiffusers.models.resnet import Upsample2D
     from ppdiffusers.transformers.clip.modeling import CLIPAttention
@@ -203,8 +216,7 @@ def export_patches(model: nn.Layer):
     try:
         _swap(model, lambda layer: isinstance(layer, Upsample2D), NearestUpsample, swapped)
         _swap(model, lambda layer: isinstance(layer, CLIPAttention), ShapeFreeCLIPAttention, swapped)
-        _swap(model, lambda layer: (isinstance(layer, Attention) and type(layer.processor) is AttnProcessor
-                                    and layer.spatial_norm is None), FusableSelfAttention, swapped)
+        _swap(model, _fusable, FusableSelfAttention, swapped)
         _swap(model, lambda layer: isinstance(layer, Timesteps), SinusoidalTimesteps, swapped)
         _swap(model, lambda layer: isinstance(layer, nn.GroupNorm), GroupNorm4D, swapped)
         yield model

@@ -228,6 +228,54 @@ def test_static_unet_is_right_without_our_inplace_workaround(exported, dynamic):
     assert max_abs(got, reference) <= SPECS["unet"].tolerance
 
 
+def _optimized_program(folder, optim_dir, monkeypatch):
+    """A PaddleInferenceSession on `folder` and the program Paddle Inference made of it (its passes applied)."""
+    import paddle.inference as paddle_infer
+
+    from export.runtime import PaddleInferenceSession
+
+    create = paddle_infer.create_predictor
+
+    def create_saving(config):
+        config.enable_save_optim_model(True)
+        config.set_optim_cache_dir(str(optim_dir))
+        return create(config)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(paddle_infer, "create_predictor", create_saving)
+        session = PaddleInferenceSession(folder)
+    return session, (optim_dir / "_optimized.json").read_text()
+
+
+def test_static_self_attention_runs_in_the_fused_kernel(exported, dynamic, tmp_path, monkeypatch):
+    """Every self-attention of the UNet and the VAE is one `self_dp_attention`, not a materialised score matrix."""
+    from paddle.base import core
+
+    if not core.supports_avx512f():
+        pytest.skip("the fused attention kernel needs AVX-512")
+    out, _ = exported
+    counts = {"unet": sum(name.endswith("attn1") for name, _ in dynamic["unet"].named_sublayers()), "vae_decoder": 1}
+    for name, count in counts.items():
+        _, program = _optimized_program(out / name, tmp_path / name, monkeypatch)
+        assert program.count("self_dp_attention") == count
+
+
+def test_static_unet_without_avx512_runs_unfused_and_right(exported, dynamic, tmp_path, monkeypatch):
+    import paddle
+    from paddle.base import core
+
+    monkeypatch.setattr(core, "supports_avx512f", lambda: False)
+    out, _ = exported
+    session, program = _optimized_program(out / "unet", tmp_path, monkeypatch)
+    assert "self_dp_attention" not in program
+    rng = np.random.default_rng(4)
+    inputs = {"sample": rng.standard_normal((2, 4, 9, 13)).astype(np.float32), "timestep": np.array([500.0], np.float32),
+              "encoder_hidden_states": rng.standard_normal((2, 77, 32)).astype(np.float32)}
+    with paddle.no_grad():
+        reference = dynamic["unet"](*(paddle.to_tensor(inputs[name]) for name in inputs)).sample.numpy()
+    assert max_abs(session.run(inputs)[0], reference) <= SPECS["unet"].tolerance
+
+
 def test_runtime_refuses_inputs_that_do_not_fit(runtimes):
     import paddle
 

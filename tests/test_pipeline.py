@@ -66,15 +66,45 @@ def test_slerp_endpoints_norm_and_parallel_fallback():
     assert np.allclose(slerp(0.5, a, a * 1.0001), a * 1.00005, atol=1e-5)  # parallel: plain lerp
 
 
+class NoisyUNet:
+    """The dynamic UNet with Gaussian noise of `scale` added to every output."""
+
+    def __init__(self, unet, scale: float):
+        self.unet, self.scale = unet, scale
+
+    def __getattr__(self, name):
+        return getattr(self.unet, name)
+
+    def __call__(self, *args, **kwargs):
+        import paddle
+
+        out = self.unet(*args, **kwargs)
+        out.sample = out.sample + self.scale * paddle.randn(out.sample.shape)
+        return out
+
+
 @pytest.mark.parametrize("runtime", ["static", "onnx"])
 def test_exported_runtimes_interpolate_like_the_dynamic_model(paddle_library, exported, pipeline, seed_image, runtime):
+    """Guidance 7 over several steps amplifies any difference: on the tiny random model, noise of 1e-6 on
+    each UNet output moves the final latents by ~5e-4. So the bar is what noise of 1e-5 per UNet output
+    (a tenth of the export's UNet tolerance) does to the dynamic model itself."""
+    import paddle
+
     folder, _ = exported
     other = RiffusionPipeline.from_pretrained(paddle_library, exported=folder, runtime=runtime)
     start, end = PromptInput("jazz", seed=1), PromptInput("rock", seed=2)
     mask = Image.new("L", (64, 64), 255)
     expected = pipeline.interpolate_latents(start, end, 0.4, seed_image, mask, STEPS).numpy()
     got = other.interpolate_latents(start, end, 0.4, seed_image, mask, STEPS).numpy()
-    assert np.abs(expected - got).max() < 1e-3, np.abs(expected - got).max()
+    unet = pipeline.pipe.unet
+    paddle.seed(0)
+    pipeline.pipe.unet = NoisyUNet(unet, 1e-5)
+    try:
+        perturbed = pipeline.interpolate_latents(start, end, 0.4, seed_image, mask, STEPS).numpy()
+    finally:
+        pipeline.pipe.unet = unet
+    floor = np.abs(expected - perturbed).max()
+    assert 0 < np.abs(expected - got).max() <= floor, (np.abs(expected - got).max(), floor)
 
 
 def test_default_runtime_is_the_fastest_the_export_holds(paddle_library, exported):
