@@ -51,7 +51,7 @@ def artefacts_table(manifest: dict) -> str:
     onnx_files = [name for name in export_files if "/model.onnx" in name]
     seed_files = [name for name in files if name.startswith(seeds["folder"] + "/")]
     single_files = [single["file"], single["config"]]
-    others = set(export_files + seed_files + single_files + [manifest["artefacts"]["model_card"]])
+    others = set(export_files + seed_files + single_files + [artefacts["model_card"]])
     library_files = [name for name in files if name not in others]
     components = ", ".join(export["components"])
     rows = [

@@ -86,7 +86,9 @@ class Sides:
         """The exported runtimes ("static", "onnx") available for every one of `components`."""
         if self.exported is None:
             return []
-        files = {"static": "inference.json", "onnx": "model.onnx"}
+        from export.runtime import ONNX_MODEL, STATIC_PROGRAM
+
+        files = {"static": STATIC_PROGRAM, "onnx": ONNX_MODEL}
         return [backend for backend, name in files.items()
                 if all((self.exported / component / name).is_file() for component in components)]
 
@@ -351,14 +353,21 @@ def check_during_conversion(torch_src: str, quiet: bool = False):
     """The hook `convert` runs on its staging folder before moving it into place."""
 
     def check(staging: Path, report: dict) -> None:
-        checks, settings = run_parity(torch_src, staging)
-        report["parity"] = to_json(checks, settings)
-        print(format_table(checks))
-        if not report["parity"]["passed"]:
-            failed = ", ".join(sorted({c.name for c in checks if not c.passed}))
-            raise ConversionError(f"parity failed ({failed}): nothing written")
+        report["parity"] = required_parity(torch_src, staging)
 
     return check
+
+
+def required_parity(torch_src: str, paddle_dir: Path, exported: Path | None = None, show: bool = True) -> dict:
+    """Run parity (printing the table when `show`) and return its JSON; ConversionError when any check fails."""
+    checks, settings = run_parity(torch_src, paddle_dir, exported=exported)
+    result = to_json(checks, settings)
+    if show:
+        print(format_table(checks))
+    if not result["passed"]:
+        failed = ", ".join(sorted({c.name for c in checks if not c.passed}))
+        raise ConversionError(f"parity failed ({failed}): nothing written")
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

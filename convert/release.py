@@ -79,7 +79,9 @@ def build_release(src: str, out: Path, *, revision: str | None = None, repo_id: 
                           if single_source else "skipped (--no-check)"}
         if check and not single_source:
             _step(quiet, "parity against torch")
-            library_parity = _torch_parity(source_folder, staging, work / EXPORT_FOLDER, quiet)
+            from convert.parity import required_parity
+
+            library_parity = required_parity(str(source_folder), staging, work / EXPORT_FOLDER, show=not quiet)
 
         for path in (single, single.with_suffix(".yaml"), work / EXPORT_FOLDER):
             path.rename(staging / path.name)
@@ -206,19 +208,6 @@ def export_checks(export_report: dict) -> list[dict]:
                 "detail": "worst of " + "; ".join(run["where"] for run in runs),
             })
     return checks
-
-
-def _torch_parity(source_folder: Path, library: Path, exported: Path, quiet: bool) -> dict:
-    from convert.parity import format_table, run_parity, to_json
-
-    checks, settings = run_parity(str(source_folder), library, exported=exported)
-    if not quiet:
-        print(format_table(checks))
-    result = to_json(checks, settings)
-    if not result["passed"]:
-        failed = ", ".join(sorted({check.name for check in checks if not check.passed}))
-        raise ConversionError(f"parity failed ({failed}): nothing written")
-    return result
 
 
 def _copy_seed_images(folder: Path) -> tuple[list[str], list[str]]:

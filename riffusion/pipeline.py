@@ -61,12 +61,12 @@ class RiffusionPipeline:
         from pathlib import Path
 
         from convert.release import EXPORT_FOLDER
-        from export.runtime import load_pipeline
+        from export.runtime import ONNX_MODEL, load_pipeline
 
         if exported is None and runtime != "dynamic" and (Path(checkpoint) / EXPORT_FOLDER / "unet").is_dir():
             exported = Path(checkpoint) / EXPORT_FOLDER
         if runtime is None:
-            has_onnx = exported is not None and (Path(exported) / "unet" / "model.onnx").is_file()
+            has_onnx = exported is not None and (Path(exported) / "unet" / ONNX_MODEL).is_file()
             runtime = "dynamic" if exported is None else ("onnx" if has_onnx else "static")
 
         def backend(*components: str) -> str:
