@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from convert.errors import ConversionError
+from riffusion.errors import InputError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             check = check_during_conversion(args.src, quiet=args.quiet)
         report = convert_library(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite, quiet=args.quiet,
                                  check=check, config=args.config, ema=args.ema)
-    except ConversionError as error:
+    except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     parts = ", ".join(f"{name} {part['mapped']} tensors" for name, part in report["parts"].items())
@@ -72,7 +73,7 @@ def _release(args) -> int:
                                  overwrite=args.overwrite, quiet=args.quiet, check=not args.no_check,
                                  config=args.config, ema=args.ema, components=parse_components(args.export_components),
                                  onnx=not args.no_onnx)
-    except ConversionError as error:
+    except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     total = sum(entry["bytes"] for entry in manifest["files"].values())

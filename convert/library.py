@@ -20,8 +20,8 @@ from convert.components import PARTS, PIPELINES, SCHEDULER_CONFIG, Part
 from convert.errors import ConversionError
 from convert.hashing import Hasher
 from convert.ldm import SingleFileSource
-from convert.output import atomic_folder, check_apart, check_destination
-from convert.source import read_json, resolve, weight_files
+from riffusion.files import atomic_folder, check_apart, check_destination, read_json
+from convert.source import resolve, weight_files
 from convert.target import expected_tensors
 from convert.tensorfile import TensorFile
 from convert.writer import StreamingSafetensorsWriter

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from convert.errors import ConversionError
+from riffusion.errors import InputError
 
 # Absolute tolerances, float32 compute. optimum's exporter uses text 1e-3, unet 1e-4, vae 3e-4.
 TOLERANCES = {
@@ -385,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConversionError(f"{args.paddle}: not a converted library (no model_index.json)")
         checks, settings = run_parity(args.torch, args.paddle, steps=args.steps, latent_size=args.latent_size,
                                       exported=args.exported)
-    except ConversionError as error:
+    except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(format_table(checks))

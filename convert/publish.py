@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from convert.errors import ConversionError
+from riffusion.errors import InputError
 from convert.manifest import MANIFEST_NAME, read_manifest
 from convert.source import HUB_ID
 from convert.verify import verify_release
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         publish(args.folder, args.repo_id, args.revision, args.private, args.dry_run)
-    except ConversionError as error:
+    except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -28,11 +28,10 @@ import numpy as np
 
 from convert.errors import ConversionError
 from convert.manifest import MANIFEST_VERSION, describe_files, release_files, write_manifest
-from convert.output import atomic_folder, check_apart, check_destination
+from riffusion.files import atomic_folder, check_apart, check_destination
+from riffusion.layout import EXPORT_FOLDER, SEED_FOLDER
 from convert.source import resolve
 
-EXPORT_FOLDER = "export"
-SEED_FOLDER = "seed_images"
 CARD_NAME = "README.md"
 PACKAGES = ("riffusion-paddle", "paddlepaddle", "paddlepaddle-gpu", "ppdiffusers", "paddlenlp", "paddle2onnx", "onnx",
             "onnxruntime", "onnxruntime-gpu", "torch", "diffusers", "transformers", "safetensors", "huggingface_hub",

@@ -21,10 +21,11 @@ from tqdm import tqdm
 
 from convert.components import CLIP_TEXT, UNET, VAE, Part
 from convert.errors import ConversionError
+from riffusion.errors import InputError
 from convert.ldm import TEXT_PREFIX, NameMap, is_vae_attention_weight, original_config, unet_blocks, vae_blocks
 from convert.library import DTYPES, Move, SourceTensor, folder_tensors, plan_part
-from convert.output import check_apart
-from convert.source import read_json, resolve
+from convert.source import resolve
+from riffusion.files import check_apart, read_json
 from convert.tensorfile import TensorFile
 from convert.writer import StreamingSafetensorsWriter
 
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         report = write_single_file(args.src, args.out, args.dtype, args.overwrite, args.quiet, args.global_step)
-    except ConversionError as error:
+    except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"wrote {args.out} ({report['tensors']} tensors from a {report['kind']}, {report['bytes'] / 1e9:.2f} GB, "

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from convert.errors import ConversionError
+from riffusion.files import read_json
 
 # Weight file names per naming family, most preferred first. An `.index.json` names shards.
 WEIGHT_FILES = {
@@ -39,19 +39,6 @@ def resolve(src: str, revision: str | None = None) -> Path:
     if not HUB_ID.match(src):
         raise ConversionError(f"{src}: no such folder, and not a Hub repo id (owner/name)")
     return _download(src, revision)
-
-
-def read_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except FileNotFoundError:
-        raise ConversionError(f"{path}: missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ConversionError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise ConversionError(f"{path}: expected a JSON object")
-    return data
 
 
 def weight_files(folder: Path, family: str) -> list[Path]:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from convert.errors import ConversionError
+from riffusion.errors import InputError
 from convert.manifest import check_files, read_manifest
 
 
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = verify_release(args.folder, args.torch, args.quiet)
-    except ConversionError as error:
+    except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     if args.json:

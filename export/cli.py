@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from convert.errors import ConversionError
+from riffusion.errors import InputError
 from export.specs import COMPONENTS
 
 
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         report = export_library(args.model, args.out, components=parse_components(args.components), onnx=args.onnx,
                                 height=args.height, width=args.width, overwrite=args.overwrite, quiet=args.quiet,
                                 threads=args.threads)
-    except ConversionError as error:  # ExportError and the shared output helpers' errors
+    except InputError as error:  # ExportError and the shared file helpers' errors
         print(f"error: {error}", file=sys.stderr)
         return 1
     for name, entry in report["components"].items():

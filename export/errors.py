@@ -1,6 +1,6 @@
-from convert.errors import ConversionError
+from riffusion.errors import InputError
 
 
-class ExportError(ConversionError):
+class ExportError(InputError):
     """Bad input or a failed export check. The message is one line; `python -m export` prints it and
-    exits non-zero. A kind of `ConversionError`, so the shared output helpers' errors read the same."""
+    exits non-zero."""

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.output import atomic_folder, check_apart, check_destination
-from convert.source import read_json
+from riffusion.files import atomic_folder, check_apart, check_destination, read_json
 from export import runtime
 from export.errors import ExportError
 from export.specs import COMPONENTS, LATENT_FACTOR, SPECS, VALIDATION_SIZES, ComponentSpec

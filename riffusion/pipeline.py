@@ -60,7 +60,7 @@ class RiffusionPipeline:
         Paddle dynamic mode."""
         from pathlib import Path
 
-        from convert.release import EXPORT_FOLDER
+        from riffusion.layout import EXPORT_FOLDER
         from export.runtime import ONNX_MODEL, load_pipeline
 
         if exported is None and runtime != "dynamic" and (Path(checkpoint) / EXPORT_FOLDER / "unet").is_dir():

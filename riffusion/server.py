@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from pathlib import Path
 
-    from convert.release import SEED_FOLDER
+    from riffusion.layout import SEED_FOLDER
 
     if not (Path(args.checkpoint) / "model_index.json").is_file():
         print(f"error: {args.checkpoint}: not a converted library (no model_index.json)", file=sys.stderr)

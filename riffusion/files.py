@@ -1,20 +1,35 @@
-"""Atomic output folders: build beside the destination, rename into place only when complete."""
+"""Files shared by convert, export and riffusion: JSON input, and atomic output folders (built beside the
+destination, renamed into place only when complete)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from pathlib import Path
 
-from convert.errors import ConversionError
+from riffusion.errors import InputError
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except FileNotFoundError:
+        raise InputError(f"{path}: missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise InputError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    return data
 
 
 def check_destination(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
-        raise ConversionError(f"{out}: exists and is not a folder")
+        raise InputError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ConversionError(f"{out}: not empty (pass --overwrite to replace it)")
+        raise InputError(f"{out}: not empty (pass --overwrite to replace it)")
 
 
 def check_apart(out: Path, *sources: Path) -> None:
@@ -23,7 +38,7 @@ def check_apart(out: Path, *sources: Path) -> None:
     for source in sources:
         source = Path(source).resolve()
         if out == source or out in source.parents or source in out.parents:
-            raise ConversionError(f"{out}: the output overlaps the source {source}")
+            raise InputError(f"{out}: the output overlaps the source {source}")
 
 
 @contextlib.contextmanager
