@@ -25,7 +25,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", action="store_true", help="single-file sources: take the EMA UNet weights (model_ema.*). "
                    "Off by default: the plain weights are what diffusers, ppdiffusers and WebUI tools load from it")
     p.add_argument("--revision", help="Hub sources: the branch, tag or commit to convert (default: main)")
-    release = p.add_argument_group("release", "--release writes the complete Hub folder (see convert/release.py)")
+    release = p.add_argument_group("release", "--release writes the complete Hub folder (see convert/release/)")
     release.add_argument("--release", action="store_true", help="also write the compiled single file, the static and "
                          "ONNX exports, the seed images, README.md (the model card) and manifest.json into --out")
     release.add_argument("--repo-id", help="the Hub repo the release will be published to (named in the model card)")

@@ -11,7 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from convert import cli, publish, verify
+from convert import cli
+from convert.release import publish, verify
 from convert.builtin import build
 
 REPO_ID = "your-org/riffusion-tiny-paddle"

@@ -8,6 +8,7 @@ block prefix to (LDM block prefix, renames of the sub-layers inside that block).
 from __future__ import annotations
 
 from convert.errors import ConversionError
+from convert.tensorfile import SourceTensor
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -141,8 +142,6 @@ class SingleFileSource:
             raise ConversionError(f"{file.path}: --ema given but the checkpoint holds no {EMA_PREFIX}* weights")
 
     def tensors(self, part: str, config: dict) -> list:
-        from convert.library import SourceTensor
-
         if part == "text_encoder":
             chosen = [(name, "text_model." + name[len(TEXT_PREFIX):].removeprefix("text_model.")) for name in self.file.shapes
                       if name.startswith(TEXT_PREFIX)]

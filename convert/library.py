@@ -23,31 +23,11 @@ from convert.ldm import SingleFileSource
 from riffusion.files import atomic_folder, check_apart, check_destination, read_json
 from convert.source import resolve, weight_files
 from convert.target import expected_tensors
-from convert.tensorfile import TensorFile
+from convert.tensorfile import SourceTensor, TensorFile
 from convert.writer import StreamingSafetensorsWriter
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 REPORT_NAME = "conversion_report.json"
-
-
-@dataclass(frozen=True)
-class SourceTensor:
-    """One tensor of the source as diffusers names it, and where its data lies."""
-
-    file: TensorFile
-    file_name: str  # its name inside `file`
-    name: str  # its diffusers name
-    squeeze: bool = False  # stored as a 1x1 conv [C, C, 1, 1] for a linear [C, C] (LDM VAE attention)
-    paddle_layout: bool = False  # linear weights already [in, out] (a converted library)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        shape = self.file.shapes[self.file_name]
-        return shape[:2] if self.squeeze else shape
-
-    @property
-    def where(self) -> str:
-        return f"{self.file.path}: tensor {self.file_name!r}"
 
 
 @dataclass

@@ -23,10 +23,10 @@ from convert.components import CLIP_TEXT, UNET, VAE, Part
 from convert.errors import ConversionError
 from riffusion.errors import InputError
 from convert.ldm import TEXT_PREFIX, NameMap, is_vae_attention_weight, original_config, unet_blocks, vae_blocks
-from convert.library import DTYPES, Move, SourceTensor, folder_tensors, plan_part
+from convert.library import DTYPES, Move, folder_tensors, plan_part
 from convert.source import resolve
 from riffusion.files import check_apart, read_json
-from convert.tensorfile import TensorFile
+from convert.tensorfile import SourceTensor, TensorFile
 from convert.writer import StreamingSafetensorsWriter
 
 PARTS: dict[str, Part] = {"unet": UNET, "vae": VAE, "text_encoder": CLIP_TEXT}

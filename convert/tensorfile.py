@@ -14,6 +14,7 @@ import mmap
 import pickle
 import sys
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -121,3 +122,23 @@ def _open_pickle(path: Path) -> dict[str, torch.Tensor]:
     ):
         raise ConversionError(f"{path}: expected a flat mapping of tensor names to tensors")
     return state
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """One tensor of the source as diffusers names it, and where its data lies."""
+
+    file: TensorFile
+    file_name: str  # its name inside `file`
+    name: str  # its diffusers name
+    squeeze: bool = False  # stored as a 1x1 conv [C, C, 1, 1] for a linear [C, C] (LDM VAE attention)
+    paddle_layout: bool = False  # linear weights already [in, out] (a converted library)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = self.file.shapes[self.file_name]
+        return shape[:2] if self.squeeze else shape
+
+    @property
+    def where(self) -> str:
+        return f"{self.file.path}: tensor {self.file_name!r}"

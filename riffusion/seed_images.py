@@ -12,6 +12,7 @@ grey in between. Riffusion's names, with our reading of them:
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from riffusion.audio import audio_to_image
 from riffusion.image import save_image
 from riffusion.params import SpectrogramParams
 
-FOLDER = Path(__file__).parent / "seed_images"
+FOLDER = Path(str(files("riffusion") / "seed_images"))  # package data: shipped in the wheel
 SIZE = 512
 BEAT_COLUMNS = 64  # 0.64 s per beat at 93.75 BPM and 10 ms per column
 

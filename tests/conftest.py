@@ -40,3 +40,17 @@ def exported(paddle_library, tmp_path_factory):
 def repo_copy(torch_repo, tmp_path):
     """A private copy of the tiny repo that a test may damage."""
     return shutil.copytree(torch_repo, tmp_path / "damaged")
+
+
+RELEASE_REPO_ID = "riffusion-paddle/riffusion-tiny-paddle"
+
+
+@pytest.fixture(scope="session")
+def release(torch_repo, tmp_path_factory):
+    """A release of the tiny model with the UNet exported (static and ONNX), parity run against torch."""
+    from convert.cli import main as convert_main
+
+    out = tmp_path_factory.mktemp("release") / "riffusion-tiny-paddle"
+    assert convert_main(["--src", str(torch_repo), "--out", str(out), "--release", "--quiet", "--repo-id",
+                         RELEASE_REPO_ID, "--export-components", "unet"]) == 0
+    return out

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 from string import Template
 
 from convert.errors import ConversionError
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "MODEL_CARD.md"
+TEMPLATE = files("convert.release") / "MODEL_CARD.md"  # package data: shipped in the wheel
 RUNTIME_NAMES = {"": "Paddle dynamic", "static": "Paddle Inference", "onnx": "onnxruntime"}
 
 
-def render_card(manifest: dict, template: Path = TEMPLATE) -> str:
+def render_card(manifest: dict, template=TEMPLATE) -> str:
     try:
-        text = Path(template).read_text(encoding="utf-8")
+        text = template.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConversionError(f"{template}: the model card template is missing (run from a riffusion-paddle checkout "
-                              f"or an editable install)") from None
+        raise ConversionError(f"{template}: the model card template is missing (a broken install: reinstall "
+                              f"riffusion-paddle)") from None
     artefacts = manifest["artefacts"]
     values = {
         "name": manifest["name"],

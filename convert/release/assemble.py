@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from convert.errors import ConversionError
-from convert.manifest import MANIFEST_VERSION, describe_files, release_files, write_manifest
+from convert.release.manifest import MANIFEST_VERSION, describe_files, release_files, write_manifest
 from riffusion.files import atomic_folder, check_apart, check_destination
 from riffusion.layout import EXPORT_FOLDER, SEED_FOLDER
 from convert.source import resolve
@@ -104,7 +104,7 @@ def build_release(src: str, out: Path, *, revision: str | None = None, repo_id: 
             },
             "parity": {"library": library_parity, "single_file": single_parity, "export": export_checks(export_report)},
         }
-        from convert.card import render_card
+        from convert.release.card import render_card
 
         manifest["files"] = describe_files(staging, release_files(staging))  # the card's sizes come from here
         (staging / CARD_NAME).write_text(render_card(manifest), encoding="utf-8")
