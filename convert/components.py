@@ -23,6 +23,9 @@ class Part:
     renames: tuple[tuple[str, str], ...] = ()
     drops: tuple[str, ...] = ()
     config_file: str = "config.json"
+    # a part without weights: the files copied besides its config (nothing else in its folder is)
+    files: tuple[str, ...] = ()
+    optional_files: tuple[str, ...] = ()
 
 
 # Diffusers before 0.14 saved the VAE mid-block attention as query/key/value/proj_attn.
@@ -39,7 +42,8 @@ UNET = Part("ppdiffusers", "UNet2DConditionModel", "diffusers", "diffusion_paddl
 VAE = Part("ppdiffusers", "AutoencoderKL", "diffusers", "diffusion_paddle_model.safetensors", renames=LEGACY_VAE_ATTENTION)
 CLIP_TEXT = Part("ppdiffusers.transformers", "CLIPTextModel", "transformers", "model.safetensors", "np", drops=POSITION_IDS)
 SAFETY_CHECKER = Part("stable_diffusion", "StableDiffusionSafetyChecker", "transformers", "model.safetensors", "np", drops=POSITION_IDS)
-CLIP_TOKENIZER = Part("ppdiffusers.transformers", "CLIPTokenizer", config_file="tokenizer_config.json")
+CLIP_TOKENIZER = Part("ppdiffusers.transformers", "CLIPTokenizer", config_file="tokenizer_config.json",
+                      files=("vocab.json", "merges.txt"), optional_files=("special_tokens_map.json", "added_tokens.json"))
 CLIP_IMAGE_PROCESSOR = Part("ppdiffusers.transformers", "CLIPImageProcessor", config_file="preprocessor_config.json")
 
 # model_index.json entry [library, class] -> the Paddle part. Schedulers are handled by name.

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -20,8 +19,8 @@ from convert.components import PARTS, PIPELINES, SCHEDULER_CONFIG, Part
 from convert.errors import ConversionError
 from convert.hashing import Hasher
 from convert.ldm import SingleFileSource
-from riffusion.files import atomic_folder, check_apart, check_destination, read_json
-from convert.source import resolve, weight_files
+from riffusion.files import atomic_folder, check_apart, check_destination, copy_plain, is_present, model_root, read_json
+from convert.source import part_folder, resolve, weight_files
 from convert.target import expected_tensors
 from convert.tensorfile import SourceTensor, TensorFile
 from convert.writer import StreamingSafetensorsWriter
@@ -57,9 +56,9 @@ class PartPlan:
 
 def read_pipeline(folder: Path) -> tuple[str, dict[str, Part | None]]:
     """The pipeline class and, per part folder, its Paddle part (None where the repo leaves it out)."""
-    index = read_json(folder / "model_index.json")
+    index = read_json(folder / "model_index.json", model_root(folder))
     pipeline = index.get("_class_name")
-    if pipeline not in PIPELINES:
+    if not isinstance(pipeline, str) or pipeline not in PIPELINES:
         raise ConversionError(f"{folder / 'model_index.json'}: unknown model type {pipeline!r} (supported: {', '.join(PIPELINES)})")
     expected = PIPELINES[pipeline]
     parts: dict[str, Part | None] = {}
@@ -79,29 +78,32 @@ def read_pipeline(folder: Path) -> tuple[str, dict[str, Part | None]]:
 
 
 def _paddle_part(folder: Path, name: str, entry) -> Part:
-    if not (isinstance(entry, list) and len(entry) == 2):
-        raise ConversionError(f"{folder / 'model_index.json'}: entry {name!r} should be [library, class], got {entry!r}")
+    if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(item, str) for item in entry)):
+        raise ConversionError(f"{folder / 'model_index.json'}: entry {name!r} should be [library, class], got {entry!r:.80}")
     library, cls = entry
     if name == "scheduler" and library in ("diffusers", "ppdiffusers"):
         import ppdiffusers
 
-        if hasattr(ppdiffusers, cls):
+        scheduler = getattr(ppdiffusers, cls, None)
+        if isinstance(scheduler, type) and issubclass(scheduler, ppdiffusers.SchedulerMixin):
             return Part("ppdiffusers", cls, config_file=SCHEDULER_CONFIG)
+        raise ConversionError(f"{folder / 'model_index.json'}: scheduler {library}.{cls} is not a scheduler class")
     part = PARTS.get((library, cls))
     if part is None:
         raise ConversionError(f"{folder / 'model_index.json'}: unknown model type {library}.{cls} for part {name!r}")
     return part
 
 
-def folder_tensors(folder: Path, part: Part) -> tuple[list[TensorFile], list[SourceTensor]]:
-    """The weights of one part of a diffusers folder."""
-    files = [TensorFile(path) for path in weight_files(folder, part.weights_family)]
+def folder_tensors(folder: Path, part: Part, root: Path | None = None) -> tuple[list[TensorFile], list[SourceTensor]]:
+    """The weights of one part of a diffusers folder (files inside `root`, default the model folder)."""
+    files = [TensorFile(path) for path in weight_files(folder, part.weights_family, root)]
     return files, [SourceTensor(file, name, name) for file in files for name in file.shapes]
 
 
-def plan_part(name: str, part: Part, config_path: Path, files: list[TensorFile], tensors: list[SourceTensor]) -> PartPlan:
+def plan_part(name: str, part: Part, config_path: Path, files: list[TensorFile], tensors: list[SourceTensor],
+              root: Path | None = None) -> PartPlan:
     """Map every source tensor of one part onto the Paddle model, or fail naming the tensor."""
-    config = read_json(config_path)
+    config = read_json(config_path, model_root(config_path.parent.parent) if root is None else root)
     expected = expected_tensors(part, config, str(config_path))
     plan = PartPlan(name, part, config, files)
     sources: dict[str, str] = {}
@@ -155,6 +157,7 @@ def convert_library(src: str, out: Path, dtype: str = "float32", overwrite: bool
         else:
             folder = resolve(src)
         check_apart(out, folder, *([single.file.path] if single else []))
+        root = model_root(folder)
         pipeline, parts = read_pipeline(folder)
         if single is not None and "safety_checker" in parts:
             parts["safety_checker"] = None  # a single-file checkpoint carries no safety checker
@@ -164,10 +167,10 @@ def convert_library(src: str, out: Path, dtype: str = "float32", overwrite: bool
                 continue
             config_path = folder / name / part.config_file
             if single is None:
-                files, tensors = folder_tensors(folder / name, part)
+                files, tensors = folder_tensors(part_folder(folder / name, root), part, root)
             else:
-                files, tensors = [single.file], single.tensors(name, read_json(config_path))
-            plans.append(plan_part(name, part, config_path, files, tensors))
+                files, tensors = [single.file], single.tensors(name, read_json(config_path, root))
+            plans.append(plan_part(name, part, config_path, files, tensors, root))
         report = {
             "source": str(src),
             "source_folder": str(folder) if single is None else None,
@@ -265,26 +268,28 @@ def _write_part(plan: PartPlan, staging: Path, target_dtype: torch.dtype, dtype_
 
 
 def _copy_part(folder: Path, staging: Path, name: str, part: Part | None) -> None:
+    """A weightless part: its config rewritten and the files it needs copied; nothing else in its folder."""
     if part is None:
         return
-    source = folder / name
-    if not source.is_dir():
-        raise ConversionError(f"{source}: component folder missing")
-    config = read_json(source / part.config_file)
-    shutil.copytree(source, staging / name)
+    root = model_root(folder)
+    source = part_folder(folder / name, root)
+    config = read_json(source / part.config_file, root)
+    (staging / name).mkdir()
+    for file_name in part.files + tuple(n for n in part.optional_files if is_present(source / n)):
+        copy_plain(source / file_name, root, staging / name / file_name)
     if name == "scheduler":
         config = configs.diffusers_config(config)
     elif part.paddle_class == "CLIPImageProcessor":
         config = configs.image_processor_config(config)
     elif part.paddle_class == "CLIPTokenizer":
         special_tokens = source / "special_tokens_map.json"
-        if special_tokens.is_file():
-            _write_json(staging / name / special_tokens.name, configs.special_tokens_map(read_json(special_tokens)))
+        if is_present(special_tokens):
+            _write_json(staging / name / special_tokens.name, configs.special_tokens_map(read_json(special_tokens, root)))
     _write_json(staging / name / part.config_file, config)
 
 
 def _model_index(folder: Path, parts: dict[str, Part | None]) -> dict:
-    index = configs.diffusers_config(read_json(folder / "model_index.json"))
+    index = configs.diffusers_config(read_json(folder / "model_index.json", model_root(folder)))
     for name, part in parts.items():
         index[name] = [None, None] if part is None else [part.paddle_library, part.paddle_class]
     if parts.get("safety_checker", "absent") is None:

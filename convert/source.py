@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 
 from convert.errors import ConversionError
-from riffusion.files import read_json
+from riffusion.files import is_present, model_root, plain_file, read_json
 
 # Weight file names per naming family, most preferred first. An `.index.json` names shards.
 WEIGHT_FILES = {
@@ -31,8 +31,9 @@ def resolve(src: str, revision: str | None = None) -> Path:
     """A local folder holding model_index.json, downloading `src` from the Hub if it is a repo id."""
     path = Path(src)
     if path.is_dir():
-        if not (path / "model_index.json").is_file():
+        if not is_present(path / "model_index.json"):
             raise ConversionError(f"{path}: no model_index.json, not a diffusers-format model folder")
+        plain_file(path / "model_index.json", model_root(path))
         return path
     if path.exists():
         raise ConversionError(f"{path}: not a folder")
@@ -41,22 +42,37 @@ def resolve(src: str, revision: str | None = None) -> Path:
     return _download(src, revision)
 
 
-def weight_files(folder: Path, family: str) -> list[Path]:
-    """The weight files of one part, in the most preferred format present."""
+def part_folder(folder: Path, root: Path) -> Path:
+    """A part's folder of a model, refused when it is missing or a link leading outside `root`."""
     if not folder.is_dir():
         raise ConversionError(f"{folder}: component folder missing")
+    real = folder.resolve()
+    if real != root and root not in real.parents:
+        raise ConversionError(f"{folder}: leads outside {root} (to {real}); refusing to read it")
+    return folder
+
+
+def weight_files(folder: Path, family: str, root: Path | None = None) -> list[Path]:
+    """The weight files of one part, in the most preferred format present; every one a regular file
+    inside `root` (default: the model folder holding the part)."""
+    root = model_root(folder.parent) if root is None else root
+    part_folder(folder, root)
     for name in WEIGHT_FILES[family]:
         candidate = folder / name
-        if not candidate.is_file():
+        if not is_present(candidate):
             continue
+        plain_file(candidate, root)
         if name.endswith(".index.json"):
-            shards = sorted(set(read_json(candidate).get("weight_map", {}).values()))
+            weight_map = read_json(candidate, root).get("weight_map", {})
+            if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
+                raise ConversionError(f"{candidate}: weight_map should map tensor names to file names")
+            shards = sorted(set(weight_map.values()))
             if not shards:
                 raise ConversionError(f"{candidate}: empty weight_map")
-            missing = [shard for shard in shards if not (folder / shard).is_file()]
+            missing = [shard for shard in shards if not is_present(folder / shard)]
             if missing:
                 raise ConversionError(f"{candidate}: shard {missing[0]} missing")
-            return [folder / shard for shard in shards]
+            return [plain_file(folder / shard, root) for shard in shards]
         return [candidate]
     raise ConversionError(f"{folder}: no weight file (looked for {', '.join(WEIGHT_FILES[family])})")
 

@@ -4,6 +4,7 @@ import json
 import os
 import pickle
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -152,3 +153,99 @@ def test_output_overlapping_the_source_is_refused_even_with_overwrite(repo_copy,
     assert main(["--src", str(repo_copy), "--out", str(target), "--overwrite", "--quiet"]) == 1
     assert "overlaps the source" in capsys.readouterr().err
     assert sorted(p.name for p in repo_copy.rglob("*")) == before
+
+
+# Links, devices and FIFOs: a source's files are read only where they are regular files inside the source
+# (or, for a Hugging Face cache snapshot, inside its cached repo); nothing from outside reaches the output.
+
+SECRET = "top-secret-token-4f1e"
+
+
+@pytest.fixture
+def secret(tmp_path):
+    path = tmp_path / "secret.txt"
+    path.write_text(SECRET)
+    return path
+
+
+def no_secret_in(folder):
+    return not any(SECRET.encode() in path.read_bytes() for path in folder.rglob("*") if path.is_file())
+
+
+def test_only_the_files_a_weightless_part_needs_are_copied(repo_copy, tmp_path, secret):
+    """tokenizer/notes.txt -> /outside/secret (and a plain extra file) are not carried into the library."""
+    from convert.library import convert_library
+
+    (repo_copy / "tokenizer" / "notes.txt").symlink_to(secret)
+    (repo_copy / "scheduler" / "README.md").write_text("extra")
+    out = tmp_path / "out"
+    convert_library(str(repo_copy), out, quiet=True)
+    assert sorted(p.name for p in (out / "tokenizer").iterdir()) == [
+        "merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json"]
+    assert [p.name for p in (out / "scheduler").iterdir()] == ["scheduler_config.json"]
+    assert no_secret_in(out)
+
+
+@pytest.mark.parametrize("where", ["tokenizer/vocab.json", "scheduler/scheduler_config.json",
+                                   "feature_extractor/preprocessor_config.json", "unet/config.json", UNET_BIN,
+                                   "model_index.json"])
+def test_a_file_linking_outside_the_source_is_refused(repo_copy, tmp_path, capsys, where):
+    """A link whose target lies outside the source folder is never read, whichever file it is."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target = outside / Path(where).name
+    (repo_copy / where).rename(target)
+    (repo_copy / where).symlink_to(target)
+    error = convert_fails(repo_copy, tmp_path, capsys)
+    assert f"{repo_copy / where}: leads outside {repo_copy.resolve()}" in error
+
+
+def test_a_linked_part_folder_leaving_the_source_is_refused(repo_copy, tmp_path, capsys, secret):
+    outside = tmp_path / "outside-tokenizer"
+    (repo_copy / "tokenizer").rename(outside)
+    (outside / "vocab.json").unlink()
+    (outside / "vocab.json").symlink_to(secret)  # would not even be JSON-checked: it is copied verbatim
+    (repo_copy / "tokenizer").symlink_to(outside, target_is_directory=True)
+    error = convert_fails(repo_copy, tmp_path, capsys)
+    assert f"{repo_copy / 'tokenizer'}: leads outside" in error
+
+
+def test_links_inside_the_source_are_followed(repo_copy, tmp_path):
+    """A link to another file of the same source (as in a Hub cache or a deduplicated clone) is fine."""
+    from convert.library import convert_library
+
+    store = repo_copy / "store"
+    store.mkdir()
+    (repo_copy / "tokenizer" / "merges.txt").rename(store / "merges.txt")
+    (repo_copy / "tokenizer" / "merges.txt").symlink_to(Path("..") / "store" / "merges.txt")
+    out = tmp_path / "out"
+    convert_library(str(repo_copy), out, quiet=True)
+    assert (out / "tokenizer" / "merges.txt").read_bytes() == (store / "merges.txt").read_bytes()
+    assert not (out / "tokenizer" / "merges.txt").is_symlink()
+
+
+def test_a_link_to_dev_zero_is_refused(repo_copy, tmp_path, capsys):
+    (repo_copy / "tokenizer" / "merges.txt").unlink()
+    (repo_copy / "tokenizer" / "merges.txt").symlink_to("/dev/zero")
+    assert f"{repo_copy / 'tokenizer' / 'merges.txt'}: leads outside" in convert_fails(repo_copy, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("where", ["tokenizer/merges.txt", "unet/config.json", "model_index.json", UNET_BIN])
+def test_a_fifo_in_the_source_is_refused_not_read(repo_copy, tmp_path, capsys, where):
+    """Opening a FIFO would block forever; it is refused before any read."""
+    (repo_copy / where).unlink()
+    os.mkfifo(repo_copy / where)
+    assert f"{repo_copy / where}: not a regular file" in convert_fails(repo_copy, tmp_path, capsys)
+
+
+def test_a_dangling_link_in_the_source_is_named(repo_copy, tmp_path, capsys):
+    (repo_copy / "unet" / "config.json").unlink()
+    (repo_copy / "unet" / "config.json").symlink_to(repo_copy / "nowhere.json")
+    assert f"{repo_copy / 'unet' / 'config.json'}: a dangling link" in convert_fails(repo_copy, tmp_path, capsys)
+
+
+def test_a_shard_index_naming_a_file_outside_the_source_is_refused(repo_copy, tmp_path, capsys, secret):
+    index = repo_copy / "unet" / "diffusion_pytorch_model.bin.index.json"
+    (repo_copy / UNET_BIN).unlink()
+    index.write_text(json.dumps({"weight_map": {"conv_in.weight": "../../secret.txt"}}))
+    assert f"{repo_copy / 'unet' / '../../secret.txt'}: leads outside" in convert_fails(repo_copy, tmp_path, capsys)

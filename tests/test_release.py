@@ -3,6 +3,7 @@ checked by convert.verify (tampering caught), and published only when it verifie
 
 import hashlib
 import json
+import os
 import re
 import shutil
 
@@ -307,3 +308,66 @@ def test_the_cards_loading_line_works_from_the_hub_cache(release, tmp_path):
 
     expected = np.abs(load_file(release / "unet" / "diffusion_paddle_model.safetensors")["conv_in.weight"]).sum()
     assert abs(float(result.stdout.strip().splitlines()[-1]) - float(expected)) < 1e-3
+
+
+# Hostile release folders: a few hand-made files and their manifest (no conversion needed).
+
+@pytest.fixture
+def small_release(tmp_path):
+    """A folder verify accepts: two plain files and a manifest recording passing checks."""
+    from convert.release.manifest import describe_files, write_manifest
+
+    folder = tmp_path / "small"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "config.json").write_text("{}")
+    (folder / "README.md").write_text("card")
+    manifest = {"manifest_version": 1, "name": "small", "files": describe_files(folder, ["README.md", "unet/config.json"]),
+                "parity": {"library": {"ran": False, "reason": "test"}, "single_file": {"passed": True}, "export": []}}
+    write_manifest(folder, manifest)
+    assert verify_main([str(folder), "--quiet"]) == 0
+    return folder
+
+
+def verify_error(folder, capsys) -> str:
+    assert verify_main([str(folder), "--quiet"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "\n" not in error, error
+    return error
+
+
+def test_verify_does_not_follow_a_linked_manifest(small_release, tmp_path, capsys):
+    """A manifest.json that is a link (here to a copy describing the same files) is refused, not followed."""
+    outside = tmp_path / "elsewhere.json"
+    (small_release / "manifest.json").rename(outside)
+    (small_release / "manifest.json").symlink_to(outside)
+    assert f"{small_release / 'manifest.json'}: a symbolic link" in verify_error(small_release, capsys)
+
+
+def test_verify_refuses_a_manifest_that_is_a_folder(small_release, capsys):
+    (small_release / "manifest.json").unlink()
+    (small_release / "manifest.json").mkdir()
+    assert f"{small_release / 'manifest.json'}: not a regular file" in verify_error(small_release, capsys)
+
+
+@pytest.mark.parametrize("parity", [[], {"library": "ok", "single_file": {"passed": True}, "export": []},
+                                    {"library": {"checks": [{"passed": True}]}, "single_file": {"passed": True}},
+                                    {"library": {}, "single_file": {"passed": True}, "export": [1]}])
+def test_verify_refuses_a_malformed_parity_section(small_release, capsys, parity):
+    path = small_release / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["parity"] = parity
+    path.write_text(json.dumps(manifest))
+    assert "malformed 'parity' section" in verify_error(small_release, capsys)
+
+
+def test_verify_refuses_a_deeply_nested_manifest(small_release, capsys):
+    (small_release / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert "nested too deeply" in verify_error(small_release, capsys)
+
+
+def test_verify_and_publish_refuse_a_fifo_in_the_release(small_release, fake_hub, capsys):
+    """A FIFO is neither read (it would block) nor uploaded: the folder is refused."""
+    os.mkfifo(small_release / "unet" / "pipe.bin")
+    assert f"{small_release / 'unet' / 'pipe.bin'}: not a regular file" in verify_error(small_release, capsys)
+    assert publish_main(["--folder", str(small_release), "--repo-id", "org/name", "--dry-run"]) == 1
+    assert not fake_hub

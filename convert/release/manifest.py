@@ -14,6 +14,7 @@ from pathlib import Path
 
 from convert.errors import ConversionError
 from convert.hashing import sha256_file
+from riffusion.files import read_json
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
@@ -33,6 +34,8 @@ def release_files(folder: Path) -> list[str]:
             raise ConversionError(f"{path}: a symbolic link; a release holds plain files only")
         if path.is_file():
             names.append(relative.as_posix())
+        elif not path.is_dir():
+            raise ConversionError(f"{path}: not a regular file (a device, FIFO or socket); a release holds plain files only")
     return sorted(names)
 
 
@@ -52,13 +55,12 @@ def read_manifest(folder: Path) -> dict:
     path = Path(folder) / MANIFEST_NAME
     if not Path(folder).is_dir():
         raise ConversionError(f"{folder}: no such folder")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConversionError(f"{path}: missing, not a release folder (make one with python -m convert --release)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ConversionError(f"{path}: not valid JSON ({error})") from None
-    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not path.exists() and not path.is_symlink():
+        raise ConversionError(f"{path}: missing, not a release folder (make one with python -m convert --release)")
+    if path.is_symlink():
+        raise ConversionError(f"{path}: a symbolic link; a release holds plain files only")
+    manifest = read_json(path, folder)
+    files = manifest.get("files")
     if not isinstance(files, dict) or not all(
             isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and isinstance(entry.get("bytes"), int)
             for entry in files.values()):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from convert.errors import ConversionError
 from riffusion.errors import InputError
+from riffusion.files import is_present, model_root, plain_file
 from convert.release.manifest import check_files, read_manifest
 
 
@@ -47,10 +48,20 @@ def verify_release(folder: Path, torch_src: str | None = None, quiet: bool = Fal
 def recorded_failures(manifest: dict) -> list[str]:
     """Names of the checks the manifest records as failed (a release should never hold any)."""
     parity = manifest.get("parity", {})
-    failed = [check["name"] for check in parity.get("library", {}).get("checks", []) if not check["passed"]]
-    if not parity.get("single_file", {}).get("passed", False):
+    library = parity.get("library", {}) if isinstance(parity, dict) else None
+    library_checks = library.get("checks", []) if isinstance(library, dict) else None
+    single = parity.get("single_file", {}) if isinstance(parity, dict) else None
+    export = parity.get("export", []) if isinstance(parity, dict) else None
+    if not (isinstance(library_checks, list) and isinstance(single, dict) and isinstance(export, list)
+            and all(isinstance(check, dict) and isinstance(check.get("name"), str) for check in library_checks)
+            and all(isinstance(check, dict) and isinstance(check.get("component"), str)
+                    and isinstance(check.get("runtime"), str) for check in export)):
+        raise ConversionError("manifest.json: malformed 'parity' section (expected {library: {checks: [...]}, "
+                              "single_file: {...}, export: [...]})")
+    failed = [check["name"] for check in library_checks if check.get("passed") is not True]
+    if single.get("passed") is not True:
         failed.append("single_file")
-    failed += [f"{check['component']}[{check['runtime']}]" for check in parity.get("export", []) if not check["passed"]]
+    failed += [f"{check['component']}[{check['runtime']}]" for check in export if check.get("passed") is not True]
     return failed
 
 
@@ -65,7 +76,13 @@ def source_check(torch_src: str, manifest: dict, quiet: bool) -> dict:
                               "compare with (--torch applies to releases made from one)")
     folder = resolve(torch_src, source.get("revision") if source.get("kind") == "hub" else None)
     expected = source.get("weights", {})
-    missing = [name for name in expected if not (folder / name).is_file()]
+    if not isinstance(expected, dict):
+        raise ConversionError("manifest.json: malformed 'source' section ('weights' should be a table)")
+    root = model_root(folder)
+    missing = [name for name in expected if not is_present(folder / name)]
+    for name in expected:
+        if name not in missing:
+            plain_file(folder / name, root)
     found = describe_files(folder, [name for name in expected if name not in missing])
     differ = [name for name, entry in found.items() if entry["sha256"] != expected[name]["sha256"]]
     passed = bool(expected) and not missing and not differ
