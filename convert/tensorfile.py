@@ -9,9 +9,12 @@ stays near one tensor, whatever the file size.
 
 from __future__ import annotations
 
+import collections
 import ctypes
+import io
 import mmap
 import pickle
+import struct
 import sys
 import zipfile
 from dataclasses import dataclass
@@ -121,6 +124,9 @@ def _open_pickle(path: Path) -> dict[str, torch.Tensor]:
         isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()
     ):
         raise ConversionError(f"{path}: expected a flat mapping of tensor names to tensors")
+    # The map reads each storage's bytes from the file at its record's offset, trusting the pickle for the
+    # size and never decompressing: check every record the tensors use before any tensor is read.
+    check_records(path, list(state))
     return state
 
 
@@ -142,3 +148,88 @@ class SourceTensor:
     @property
     def where(self) -> str:
         return f"{self.file.path}: tensor {self.file_name!r}"
+
+
+@dataclass(frozen=True)
+class _Storage:
+    key: str
+    nbytes: int
+    element_size: int
+
+
+@dataclass(frozen=True)
+class _TensorRecord:
+    storage: _Storage
+    offset: int
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+class _RecordReader(pickle.Unpickler):
+    """Reads a torch zip pickle (already accepted by torch's weights-only loader) into _TensorRecords:
+    which storage record each tensor uses, where in it, and the storage's declared size. No global the
+    pickle names is ever imported or called: each is replaced by a stub below."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in (("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor")):
+            return lambda storage, offset, shape, stride, *rest: _TensorRecord(storage, offset, tuple(shape), tuple(stride))
+        if (module, name) == ("torch._utils", "_rebuild_parameter"):
+            return lambda data, *rest: data
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "torch" and name.endswith("Storage"):
+            return name
+        return lambda *args, **kwargs: None
+
+    def persistent_load(self, saved_id):
+        kind, storage_type, key, _location, numel = saved_id
+        dtype = getattr(torch, storage_type).dtype if storage_type != "UntypedStorage" else torch.uint8
+        size = torch.empty((), dtype=dtype).element_size()
+        return _Storage(str(key), int(numel) * size, size)
+
+
+def check_records(path: Path, names: list[str]) -> None:
+    """Every tensor in `names` must use a stored (uncompressed) record of the archive at least as long as
+    the storage the pickle declares. (Records reaching outside the file and tensors reaching outside their
+    storage are refused by torch's own reader.)"""
+    with zipfile.ZipFile(path) as archive:
+        pickle_name = next(info.filename for info in archive.infolist() if info.filename.endswith("data.pkl"))
+        try:
+            state = _RecordReader(io.BytesIO(archive.read(pickle_name))).load()
+        except (pickle.UnpicklingError, ValueError, TypeError, AttributeError, EOFError, zipfile.BadZipFile) as error:
+            raise ConversionError(f"{path}: not a readable torch file (truncated or corrupted?): {error}") from None
+        records = _data_records(path, archive)
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    prefix = pickle_name[: -len("data.pkl")]
+    for name in names:
+        where = f"{path}: tensor {name!r}"
+        tensor = state.get(name)
+        record = records.get(f"{prefix}data/{tensor.storage.key}") if isinstance(tensor, _TensorRecord) else None
+        if record is None:
+            raise ConversionError(f"{where}: its storage is no record of the archive (corrupted file)")
+        record_name, method, stored_size, size = record
+        if method != zipfile.ZIP_STORED or stored_size != size:
+            raise ConversionError(f"{where}: record {record_name} is compressed; a memory-mapped read needs stored "
+                                  "records (re-save the file with torch.save, or as .safetensors)")
+        if tensor.storage.nbytes > size:
+            raise ConversionError(f"{where}: record {record_name} holds {size} bytes, the tensor's storage needs "
+                                  f"{tensor.storage.nbytes} (truncated or corrupted file)")
+
+
+_LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")
+
+
+def _data_records(path: Path, archive: zipfile.ZipFile) -> dict[str, tuple[str, int, int, int]]:
+    """{record name: (name, compression method, stored size, size)}, the method as both the central
+    directory and the record's own header give it."""
+    records = {}
+    with open(path, "rb") as handle:
+        for info in archive.infolist():
+            handle.seek(info.header_offset)
+            header = handle.read(_LOCAL_HEADER.size)
+            if len(header) < _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
+                raise ConversionError(f"{path}: record {info.filename} has no valid header (truncated or corrupted file)")
+            method = _LOCAL_HEADER.unpack(header)[3] or info.compress_type
+            records[info.filename] = (info.filename, method, info.compress_size, info.file_size)
+    return records

@@ -3,7 +3,9 @@
 import json
 import os
 import pickle
+import struct
 import subprocess
+import zipfile
 from pathlib import Path
 import sys
 
@@ -249,3 +251,82 @@ def test_a_shard_index_naming_a_file_outside_the_source_is_refused(repo_copy, tm
     (repo_copy / UNET_BIN).unlink()
     index.write_text(json.dumps({"weight_map": {"conv_in.weight": "../../secret.txt"}}))
     assert f"{repo_copy / 'unet' / '../../secret.txt'}: leads outside" in convert_fails(repo_copy, tmp_path, capsys)
+
+
+# Corrupt zip records of a .bin / .ckpt: the memory map reads storages straight from the file, so each
+# record is checked (stored, long enough, inside the file) before any tensor is read.
+
+def rewrite_archive(path, first, compression=zipfile.ZIP_STORED, shorten=0):
+    """Re-save `path` with tensor `first` first (so it owns record data/0), then rewrite the archive
+    with `compression`, data/0 cut short by `shorten` bytes."""
+    state = torch.load(path, weights_only=True)
+    torch.save({first: state.pop(first), **state}, path)
+    with zipfile.ZipFile(path) as archive:
+        records = [(info.filename, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(path, "w", compression) as archive:
+        for name, data in records:
+            archive.writestr(name, data[: len(data) - shorten] if name.endswith("/data/0") else data)
+
+
+def test_a_deflate_compressed_record_is_refused(repo_copy, tmp_path, capsys):
+    """torch.load reads such a file, but a memory map would read the compressed bytes as weights."""
+    path = repo_copy / UNET_BIN
+    rewrite_archive(path, "conv_in.weight", zipfile.ZIP_DEFLATED)
+    assert torch.equal(torch.load(path, weights_only=True)["conv_in.weight"],
+                       torch.load(repo_copy.parent / "damaged" / UNET_BIN, weights_only=True)["conv_in.weight"])
+    error = convert_fails(repo_copy, tmp_path, capsys)
+    assert f"{path}: tensor 'conv_in.weight': record " in error and "/data/0 is compressed" in error
+
+
+def test_a_record_shorter_than_its_storage_is_refused(repo_copy, tmp_path, capsys):
+    """torch.load refuses such a file; a memory map would read the next record's bytes as weights."""
+    path = repo_copy / UNET_BIN
+    needed = torch.load(path, weights_only=True)["conv_in.weight"].nbytes
+    rewrite_archive(path, "conv_in.weight", shorten=64)
+    error = convert_fails(repo_copy, tmp_path, capsys)
+    assert f"{path}: tensor 'conv_in.weight': record " in error
+    assert f"/data/0 holds {needed - 64} bytes, the tensor's storage needs {needed}" in error
+
+
+def central_directory_entry(data: bytes, name: str) -> int:
+    """Offset of the central directory header of record `name` in the zip bytes `data`."""
+    at = data.index(b"PK\x05\x06")  # end of central directory record: where the directory starts
+    at = struct.unpack_from("<I", data, at + 16)[0]
+    while data[at:at + 4] == b"PK\x01\x02":
+        name_length, extra_length, comment_length = struct.unpack_from("<HHH", data, at + 28)
+        if data[at + 46: at + 46 + name_length].decode() == name:
+            return at
+        at += 46 + name_length + extra_length + comment_length
+    raise AssertionError(f"no record {name}")
+
+
+def test_a_record_reaching_past_the_end_of_the_file_is_refused(repo_copy, tmp_path, capsys):
+    """Out of bounds: the archive's directory gives data/0 a size past the end of the file (torch's reader
+    refuses this one itself; the test keeps it that way: one line, nothing written)."""
+    path = repo_copy / UNET_BIN
+    rewrite_archive(path, "conv_in.weight")
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        name = next(info.filename for info in archive.infolist() if info.filename.endswith("/data/0"))
+    entry = central_directory_entry(data, name)
+    huge = len(data) + 4096
+    data[entry + 20: entry + 28] = struct.pack("<II", huge, huge)  # its stored and full size
+    path.write_bytes(bytes(data))
+    assert f"{path}: not a readable torch file (truncated or corrupted?)" in convert_fails(repo_copy, tmp_path, capsys)
+
+
+def test_a_ckpt_with_a_short_record_is_refused(tmp_path, capsys):
+    """Single-file sources are read the same way."""
+    from convert.builtin import build
+    from convert.single_file import write_single_file
+
+    library = build(tmp_path / "repo", size="tiny")
+    ckpt = tmp_path / "model.ckpt"
+    write_single_file(str(library), ckpt, quiet=True)
+    with zipfile.ZipFile(ckpt) as archive:
+        records = [(info.filename, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(ckpt, "w") as archive:
+        for name, data in records:
+            archive.writestr(name, data[:-8] if name.endswith("/data/3") else data)
+    error = convert_fails(ckpt, tmp_path, capsys)
+    assert f"{ckpt}: tensor '" in error and "/data/3 holds" in error
