@@ -1,13 +1,16 @@
 """The seed image library riffusion-app draws from, made by our own code.
 
 Seeds are spectrogram images of synthesized two-measure loops (93.75 BPM: 5.12 s is two bars of
-4/4). Masks are greyscale images for interpolation: black keeps the seed image, white repaints it,
-grey in between. Riffusion's names, with our reading of them:
-  mask_top_third_75 / _95       top third (the highest frequencies) at 75% / 95% white, rest black
-  mask_gradient_top_70          white 70% at the top fading to black at the bottom
-  mask_gradient_top_fifth_75    white 75% at the top fading to black within the top fifth
-  mask_gradient_dark            white 40% at the top fading to black at the bottom
-  mask_beat_lines_80            80% white with a black band at every beat (the drum hits are kept)
+4/4). Masks are greyscale images for interpolation, with riffusion-app's polarity: white repaints the
+seed image, black keeps it, grey in between (the pipeline keeps 1 - grey of it at every step). Like
+riffusion-app's own masks they are mostly white, the masked region a lighter or darker grey. Rows are
+frequencies (the top is the highest). Riffusion's names, with our reading of them:
+  mask_top_third_75 / _95       the top third at 75% / 95% white, the rest white
+  mask_gradient_top_70          70% white at the top easing to white at half height
+  mask_gradient_top_fifth_75    75% white at the top easing to white within the top fifth
+  mask_gradient_dark            12.5% white at the top easing to white at half height
+  mask_beat_lines_80            white with an 80% band at every beat over the top 40% (the drum hits'
+                                high frequencies are partly kept)
 """
 
 from __future__ import annotations
@@ -47,29 +50,30 @@ def _rows(values: np.ndarray) -> np.ndarray:
 
 
 def _top(fraction: float, level: float) -> np.ndarray:
-    column = np.zeros(SIZE)
-    column[: int(SIZE * fraction)] = level
+    column = np.ones(SIZE)
+    column[: round(SIZE * fraction)] = level
     return _rows(column)
 
 
 def _gradient(fraction: float, level: float) -> np.ndarray:
-    length = int(SIZE * fraction)
-    column = np.zeros(SIZE)
-    column[:length] = np.linspace(level, 0.0, length)
+    """level at the top row, easing quadratically up to white at `fraction` of the height."""
+    length = round(SIZE * fraction)
+    column = np.ones(SIZE)
+    column[:length] = level + (1.0 - level) * (np.arange(length) / length) ** 2
     return _rows(column)
 
 
-def _beat_lines(level: float) -> np.ndarray:
-    mask = np.full((SIZE, SIZE), level)
+def _beat_lines(level: float, width: int = 16, fraction: float = 0.4) -> np.ndarray:
+    mask = np.ones((SIZE, SIZE))
     for start in range(0, SIZE, BEAT_COLUMNS):
-        mask[:, start:start + 8] = 0.0
+        mask[: round(SIZE * fraction), start:start + width] = level
     return mask
 
 
 MASKS = {
     "mask_beat_lines_80": lambda: _beat_lines(0.80),
-    "mask_gradient_dark": lambda: _gradient(1.0, 0.40),
-    "mask_gradient_top_70": lambda: _gradient(1.0, 0.70),
+    "mask_gradient_dark": lambda: _gradient(0.5, 0.125),
+    "mask_gradient_top_70": lambda: _gradient(0.5, 0.70),
     "mask_gradient_top_fifth_75": lambda: _gradient(0.2, 0.75),
     "mask_top_third_75": lambda: _top(1 / 3, 0.75),
     "mask_top_third_95": lambda: _top(1 / 3, 0.95),

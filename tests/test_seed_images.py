@@ -34,8 +34,24 @@ def test_seeds_are_512_square_spectrograms_with_params_and_masks_are_greyscale()
         assert params_from_image(image) is not None
     for name in MASKS:
         assert seed_images.load(name).mode == "L"
+
+
+@pytest.mark.parametrize("name", MASKS)
+def test_masks_have_riffusion_apps_polarity(name):
+    """riffusion-app's masks are mostly white (white repaints) with the masked region a darker grey; ours
+    were once inverted (black where theirs are white), so the app's mask kept what Riffusion repaints."""
+    mask = np.asarray(seed_images.load(name), dtype=float) / 255
+    assert mask.mean() > 0.7 and mask.max() == 1.0 and mask.min() < 0.96, (mask.mean(), mask.min())
+    assert mask[-100:].min() == 1.0  # the low frequencies (bottom rows) are repainted in every one
+
+
+def test_mask_levels_follow_their_names():
+    """mask_top_third_75: bottom rows 1.00, top third 0.75, as in riffusion-app's file."""
     top_third = np.asarray(seed_images.load("mask_top_third_75"), dtype=float) / 255
-    assert abs(top_third[:170].mean() - 0.75) < 0.01 and top_third[171:].max() == 0
+    assert abs(top_third[:170].mean() - 0.75) < 0.002 and top_third[171:].min() == 1.0
+    assert abs(np.asarray(seed_images.load("mask_top_third_95"), dtype=float)[:170].mean() / 255 - 0.95) < 0.002
+    dark = np.asarray(seed_images.load("mask_gradient_dark"), dtype=float)[:, 0] / 255
+    assert abs(dark[0] - 0.125) < 0.004 and np.all(np.diff(dark) >= 0) and dark[256:].min() == 1.0
 
 
 def test_og_beat_kicks_land_every_two_beats():
