@@ -46,12 +46,12 @@ def _pipeline(args):
 
 
 def _save_image_and_audio(image: Image.Image, out: Path) -> None:
-    from riffusion.audio import image_to_audio, without_clipping, write_audio
+    from riffusion.audio import image_to_audio, write_audio
     from riffusion.image import save_image
 
     save_image(image, out.with_suffix(".png"))
     audio, sample_rate = image_to_audio(image)
-    write_audio(out, without_clipping(audio), sample_rate)
+    write_audio(out, audio, sample_rate)
     print(f"wrote {out} ({audio.shape[-1] / sample_rate:.2f} s) and {out.with_suffix('.png')}")
 
 
@@ -67,10 +67,10 @@ def audio_to_image(args) -> None:
 
 def image_to_audio(args) -> None:
     from riffusion.audio import image_to_audio as convert
-    from riffusion.audio import without_clipping, write_audio
+    from riffusion.audio import write_audio
 
     audio, sample_rate = convert(_read_image(args.input))
-    write_audio(args.output, without_clipping(audio), sample_rate)
+    write_audio(args.output, audio, sample_rate)
     print(f"wrote {args.output} ({audio.shape[-1] / sample_rate:.2f} s at {sample_rate} Hz)")
 
 

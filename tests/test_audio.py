@@ -60,7 +60,7 @@ def test_512_columns_decode_to_5_11_seconds(chords_image):
 
 
 def test_chords_round_trip_spectral_convergence(chords, chords_image):
-    audio, _ = image_to_audio(chords_image)
+    audio, _ = image_to_audio(chords_image, normalize=False)
     assert audio.shape == chords.shape
     convergence = spectral_convergence(spectrogram_from_audio(chords, PARAMS), spectrogram_from_audio(audio, PARAMS))
     assert convergence < CHORDS_ROUND_TRIP_MAX_SC
