@@ -20,6 +20,7 @@ import torch
 
 from convert.errors import ConversionError
 from convert.source import WEIGHT_FILES
+from riffusion.console import add_version
 
 SIZES = {
     "tiny": {
@@ -226,11 +227,18 @@ def _write_json(path: Path, data: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, type=Path, help="folder to create")
-    parser.add_argument("--size", choices=SIZES, default="tiny")
-    parser.add_argument("--weights", choices=("bin", "safetensors"), default="bin")
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argparse.ArgumentParser(
+        prog="python -m convert.builtin", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Write a random-weight torch diffusers repo with riffusion/riffusion-model-v1's layout and quirks "
+                    "(configs, .bin or .safetensors weights, the real CLIP BPE vocabulary), for trying and testing "
+                    "the converter without downloading the model: python -m convert --src OUT ...")
+    add_version(parser)
+    parser.add_argument("--out", required=True, type=Path, help="folder to create (must not exist)")
+    parser.add_argument("--size", choices=SIZES, default="tiny",
+                        help="tiny: a few MB, builds in seconds; full: the real SD1.5 sizes (about 5.5 GB)")
+    parser.add_argument("--weights", choices=("bin", "safetensors"), default="bin",
+                        help="weight file format (the original repo holds .bin zip pickles)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the weights")
     args = parser.parse_args(argv)
     if args.out.exists():
         print(f"error: {args.out} already exists", file=sys.stderr)

@@ -7,12 +7,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from convert.errors import ConversionError
+from convert.errors import needs_torch
+from riffusion.console import add_version, quiet_third_party
 from riffusion.errors import InputError
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m convert", description=__doc__.split(": ", 1)[1])
+    p = argparse.ArgumentParser(prog="python -m convert", description=__doc__.split(": ", 1)[1],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_version(p)
     p.add_argument("--src", required=True, help="Hub repo id (e.g. riffusion/riffusion-model-v1), a local diffusers "
                    "folder, or a single-file LDM checkpoint (.ckpt / .safetensors)")
     p.add_argument("--out", required=True, type=Path, help="folder to write the ppdiffusers library into")
@@ -37,8 +40,12 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.release:
-        return _release(args)
+    quiet_third_party()
+    with needs_torch("python -m convert"):
+        return _release(args) if args.release else _library(args)
+
+
+def _library(args) -> int:
     try:
         from convert.library import convert_library
         from convert.source import resolve

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import ppdiffusers
+from importlib.metadata import version
 
-PPDIFFUSERS_VERSION = ppdiffusers.__version__
+PPDIFFUSERS_VERSION = version("ppdiffusers")  # without importing it: that takes seconds and prints
 
 
 def diffusers_config(config: dict) -> dict:

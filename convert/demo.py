@@ -14,12 +14,15 @@ from pathlib import Path
 from convert import cli
 from convert.release import publish, verify
 from convert.builtin import build
+from riffusion.console import add_version
 
 REPO_ID = "your-org/riffusion-tiny-paddle"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m convert.demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m convert.demo", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_version(parser)
     parser.add_argument("--out", type=Path, default=Path("demo-output"))
     args = parser.parse_args(argv)
     torch_dir = args.out / "riffusion-tiny-torch"

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.errors import ConversionError
+from convert.errors import ConversionError, needs_torch
+from riffusion.console import add_version, native_stdout_silenced, quiet_third_party
 from riffusion.errors import InputError
 
 # Absolute tolerances, float32 compute. optimum's exporter uses text 1e-3, unet 1e-4, vae 3e-4.
@@ -134,7 +135,8 @@ def quiet_libraries() -> None:
 
 
 def run_parity(torch_src: str, paddle_dir: Path, steps: int = 3, latent_size: int | None = None,
-               exported: Path | None = None) -> tuple[list[Check], dict]:
+               exported: Path | None = None, progress: bool = False) -> tuple[list[Check], dict]:
+    """`progress`: name each part on stderr as it starts (a real model takes minutes)."""
     import paddle
     import torch
 
@@ -148,14 +150,16 @@ def run_parity(torch_src: str, paddle_dir: Path, steps: int = 3, latent_size: in
     latent = latent_size or min(int(unet_config.get("sample_size", 64)), 32)
     settings = {"latent_size": latent, "image_size": latent * 8, "steps": steps, "half_weights": sides.half_weights}
     checks: list[Check] = []
+    parts = [("tokenizer", _tokenizer_checks), ("text encoder", _text_encoder_checks),
+             ("unet", lambda sides: _unet_checks(sides, latent, unet_config)), ("vae", lambda sides: _vae_checks(sides, latent))]
+    if (sides.paddle_folder / "safety_checker").is_dir():
+        parts.append(("safety checker", _safety_checker_checks))
+    parts.append((f"pipeline, {steps} steps", lambda sides: _pipeline_checks(sides, latent, steps)))
     with torch.no_grad(), paddle.no_grad():
-        checks += _tokenizer_checks(sides)
-        checks += _text_encoder_checks(sides)
-        checks += _unet_checks(sides, latent, unet_config)
-        checks += _vae_checks(sides, latent)
-        if (sides.paddle_folder / "safety_checker").is_dir():
-            checks += _safety_checker_checks(sides)
-        checks += _pipeline_checks(sides, latent, steps)
+        for number, (what, run) in enumerate(parts, 1):
+            if progress:
+                print(f"parity [{number}/{len(parts)}]: {what}", file=sys.stderr, flush=True)
+            checks += run(sides)
     return checks, settings
 
 
@@ -164,7 +168,9 @@ def _tokenizer_checks(sides: Sides) -> list[Check]:
     from transformers import CLIPTokenizer as TorchTokenizer
 
     kwargs = dict(padding="max_length", max_length=77, truncation=True)
-    torch_ids = np.array(TorchTokenizer.from_pretrained(sides.torch_folder / "tokenizer")(MUSIC_PROMPTS, **kwargs).input_ids)
+    with native_stdout_silenced():
+        torch_tokenizer = TorchTokenizer.from_pretrained(sides.torch_folder / "tokenizer")
+    torch_ids = np.array(torch_tokenizer(MUSIC_PROMPTS, **kwargs).input_ids)
     paddle_ids = np.array(PaddleTokenizer.from_pretrained(str(sides.paddle_folder / "tokenizer"))(MUSIC_PROMPTS, **kwargs)["input_ids"])
     mismatched = int((torch_ids != paddle_ids).sum()) if torch_ids.shape == paddle_ids.shape else torch_ids.size
     passed = mismatched == 0
@@ -178,7 +184,8 @@ def _text_encoder_checks(sides: Sides) -> list[Check]:
     from transformers import CLIPTextModel as TorchCLIP
     from transformers import CLIPTokenizer
 
-    tokenizer = CLIPTokenizer.from_pretrained(sides.torch_folder / "tokenizer")
+    with native_stdout_silenced():
+        tokenizer = CLIPTokenizer.from_pretrained(sides.torch_folder / "tokenizer")
     ids = np.array(tokenizer(MUSIC_PROMPTS[:4], padding="max_length", max_length=77, truncation=True).input_ids)
     reference = sides.torch_model(TorchCLIP, "text_encoder")(torch.from_numpy(ids))
     hidden, pooled = reference.last_hidden_state.numpy(), reference.pooler_output.numpy()
@@ -296,7 +303,8 @@ def _pipeline_checks(sides: Sides, latent: int, steps: int) -> list[Check]:
     latents = np.random.default_rng(4).standard_normal((1, 4, latent, latent), dtype=np.float32)
     call = dict(prompt="lo-fi hip hop beat, mellow piano", num_inference_steps=steps, guidance_scale=7.0,
                 height=latent * 8, width=latent * 8, output_type="np")
-    pipe = TorchPipeline.from_pretrained(sides.torch_folder, safety_checker=None, requires_safety_checker=False)
+    with native_stdout_silenced():
+        pipe = TorchPipeline.from_pretrained(sides.torch_folder, safety_checker=None, requires_safety_checker=False)
     if sides.half_weights:
         for model in (pipe.unet, pipe.vae, pipe.text_encoder):
             model.to(torch.float16).to(torch.float32)
@@ -361,7 +369,7 @@ def check_during_conversion(torch_src: str, quiet: bool = False):
 
 def required_parity(torch_src: str, paddle_dir: Path, exported: Path | None = None, show: bool = True) -> dict:
     """Run parity (printing the table when `show`) and return its JSON; ConversionError when any check fails."""
-    checks, settings = run_parity(torch_src, paddle_dir, exported=exported)
+    checks, settings = run_parity(torch_src, paddle_dir, exported=exported, progress=show)
     result = to_json(checks, settings)
     if show:
         print(format_table(checks))
@@ -372,7 +380,10 @@ def required_parity(torch_src: str, paddle_dir: Path, exported: Path | None = No
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m convert.parity", description="torch vs Paddle parity of a converted library")
+    parser = argparse.ArgumentParser(prog="python -m convert.parity", description="torch vs Paddle parity of a converted "
+                                     "library: exit status 1 when any check fails",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_version(parser)
     parser.add_argument("--torch", required=True, help="the torch source: Hub id or diffusers folder")
     parser.add_argument("--paddle", required=True, type=Path, help="the converted ppdiffusers library")
     parser.add_argument("--exported", type=Path, help="an export of the library (python -m export): also compare its "
@@ -380,12 +391,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--steps", type=int, default=3, help="denoising steps of the end-to-end run")
     parser.add_argument("--latent-size", type=int, help="latent height/width (default: the UNet's sample_size, at most 32)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines, only the table")
     args = parser.parse_args(argv)
+    quiet_third_party()
     try:
         if not (args.paddle / "model_index.json").is_file():
             raise ConversionError(f"{args.paddle}: not a converted library (no model_index.json)")
-        checks, settings = run_parity(args.torch, args.paddle, steps=args.steps, latent_size=args.latent_size,
-                                      exported=args.exported)
+        with needs_torch("python -m convert.parity"):
+            checks, settings = run_parity(args.torch, args.paddle, steps=args.steps, latent_size=args.latent_size,
+                                          exported=args.exported, progress=not args.quiet)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

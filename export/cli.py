@@ -8,15 +8,17 @@ from pathlib import Path
 
 from riffusion.errors import InputError
 from export.specs import COMPONENTS
+from riffusion.console import add_version, quiet_third_party
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m export",
+        prog="python -m export", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Export the UNet, text encoder and VAE of a library made by `python -m convert` to Paddle static "
                     "programs (OUT/<component>/inference.json + inference.pdiparams) and, with --onnx, ONNX "
                     "(OUT/<component>/model.onnx). Batch, height and width stay dynamic. Every export is checked "
                     "against the dynamic model in Paddle Inference (oneDNN) and onnxruntime before OUT is written.")
+    add_version(p)
     p.add_argument("--model", required=True, type=Path, help="a converted ppdiffusers library (python -m convert --out)")
     p.add_argument("--out", required=True, type=Path, help="folder to write the exports into")
     p.add_argument("--components", default=",".join(COMPONENTS),
@@ -34,6 +36,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    quiet_third_party()
     try:
         from export.exporter import export_library, parse_components
 

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
+from riffusion.console import add_version, quiet_third_party
 
 
 class CommandError(Exception):
@@ -120,6 +121,7 @@ def _model_options(command) -> None:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m riffusion", description=__doc__.split(": ", 1)[1])
+    add_version(p)
     commands = p.add_subparsers(dest="command", required=True)
 
     c = commands.add_parser("audio-to-image", help="spectrogram image of an audio file")
@@ -167,6 +169,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    quiet_third_party()
     try:
         args.run(args)
     except (CommandError, ValueError) as error:

@@ -32,6 +32,7 @@ import numpy as np
 from riffusion.errors import InputError
 from riffusion.files import atomic_folder
 from riffusion.params import SpectrogramParams
+from riffusion.console import add_version, quiet_third_party
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3"}
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
@@ -254,7 +255,9 @@ def read_rows(dataset: Path) -> list[dict]:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m riffusion.dataset",
-                                description="captioned audio files -> spectrogram image dataset (imagefolder)")
+                                description="captioned audio files -> spectrogram image dataset (imagefolder)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_version(p)
     p.add_argument("--audio", type=Path, required=True, help="folder of audio files and captions")
     p.add_argument("--out", type=Path, required=True, help="dataset folder to write")
     p.add_argument("--clip-seconds", type=float, default=5.12, help="clip length (5.12 s = 512 columns)")
@@ -270,6 +273,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    quiet_third_party()
     slicing = Slicing(args.clip_seconds, args.hop_seconds, args.min_tail_seconds, args.silence_db)
     try:
         summary = build(args.audio, args.out, slicing, overwrite=args.overwrite, quiet=args.quiet)

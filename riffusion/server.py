@@ -17,10 +17,14 @@ import sys
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING
 
 from riffusion import seed_images
 from riffusion.audio import image_to_audio, without_clipping, write_audio
-from riffusion.pipeline import PromptInput
+from riffusion.console import add_version, quiet_third_party
+
+if TYPE_CHECKING:
+    from riffusion.pipeline import PromptInput
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_STEPS = 500
@@ -41,6 +45,8 @@ def _number(body: dict, key: str, default=None, low=None, high=None, integer=Fal
 
 
 def _prompt(body: dict, key: str) -> PromptInput:
+    from riffusion.pipeline import PromptInput  # imports Paddle: only once main() has quieted its warnings
+
     part = body.get(key)
     if not isinstance(part, dict):
         raise BadRequest(f"{key!r} must be an object with a prompt and a seed")
@@ -158,7 +164,9 @@ def make_server(pipeline, host: str = "127.0.0.1", port: int = 3013,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m riffusion.server", description="riffusion-app's inference server on Paddle")
+    parser = argparse.ArgumentParser(prog="python -m riffusion.server", description="riffusion-app's inference server on Paddle",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_version(parser)
     parser.add_argument("--checkpoint", required=True, help="a ppdiffusers library made by `python -m convert` "
                         "(a release folder brings its own export/ and seed_images/)")
     parser.add_argument("--host", default="127.0.0.1")
@@ -169,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed-images", help="folder of seed images and masks (default: the release's seed_images/, "
                         "else the built-in library)")
     args = parser.parse_args(argv)
+    quiet_third_party()
     from pathlib import Path
 
     from riffusion.layout import SEED_FOLDER

@@ -18,6 +18,7 @@ from riffusion.errors import InputError
 from convert.release.manifest import MANIFEST_NAME, read_manifest
 from convert.source import HUB_ID
 from convert.release.verify import verify_release
+from riffusion.console import add_version, quiet_third_party
 
 
 def publish(folder: Path, repo_id: str, revision: str | None = None, private: bool = False,
@@ -72,13 +73,16 @@ def _upload(folder: Path, repo_id: str, revision: str | None, private: bool, nam
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m convert.publish", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+    parser = argparse.ArgumentParser(prog="python -m convert.publish", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_version(parser)
     parser.add_argument("--folder", required=True, type=Path, help="a release folder (python -m convert --release)")
     parser.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub")
     parser.add_argument("--revision", help="branch to upload to (created if needed; default: main)")
     parser.add_argument("--private", action="store_true", help="create the repo private")
     parser.add_argument("--dry-run", action="store_true", help="verify and list what would be uploaded; no network")
     args = parser.parse_args(argv)
+    quiet_third_party()
     try:
         publish(args.folder, args.repo_id, args.revision, args.private, args.dry_run)
     except InputError as error:

@@ -16,6 +16,7 @@ from convert.errors import ConversionError
 from riffusion.errors import InputError
 from riffusion.files import is_present, model_root, plain_file
 from convert.release.manifest import check_files, read_manifest
+from riffusion.console import add_version, quiet_third_party
 
 
 def verify_release(folder: Path, torch_src: str | None = None, quiet: bool = False) -> dict:
@@ -96,7 +97,7 @@ def _rerun_parity(torch_src: str, folder: Path, manifest: dict, quiet: bool) -> 
 
     export = manifest.get("artefacts", {}).get("export", {}).get("folder")
     exported = folder / export if export and (folder / export).is_dir() else None
-    checks, settings = run_parity(torch_src, folder, exported=exported)
+    checks, settings = run_parity(torch_src, folder, exported=exported, progress=not quiet)
     _say(quiet, format_table(checks))
     return to_json(checks, settings)
 
@@ -107,12 +108,15 @@ def _say(quiet: bool, text: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m convert.verify", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+    parser = argparse.ArgumentParser(prog="python -m convert.verify", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_version(parser)
     parser.add_argument("folder", type=Path, help="a release folder (python -m convert --release), e.g. a Hub download")
     parser.add_argument("--torch", help="the torch source (Hub id or diffusers folder): also re-run parity against it")
     parser.add_argument("--json", type=Path, help="also write the verdict here")
     parser.add_argument("--quiet", action="store_true", help="print the verdict only")
     args = parser.parse_args(argv)
+    quiet_third_party()
     try:
         result = verify_release(args.folder, args.torch, args.quiet)
     except InputError as error:

@@ -1,0 +1,49 @@
+"""What every command of the toolkit does at its start: a --version flag, and silence for the
+third-party noise that is not ours to show (their warnings and INFO logs on every run)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+import warnings
+from importlib.metadata import PackageNotFoundError, version
+
+
+def tool_version() -> str:
+    try:
+        return version("riffusion-paddle")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def add_version(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--version", action="version", version=f"%(prog)s: riffusion-paddle {tool_version()}")
+    return parser
+
+
+def quiet_third_party() -> None:
+    """Call before Paddle, ppdiffusers or paddlenlp are imported: some of it is printed at import time."""
+    os.environ.setdefault("GLOG_minloglevel", "2")  # Paddle's C++ warnings ("W... not support input out tensor")
+    for message in ("No ccache found", "Setuptools is replacing distutils"):
+        warnings.filterwarnings("ignore", message=message)
+    logging.getLogger("datasets").setLevel(logging.WARNING)  # "PyTorch version ... available" at import
+    # paddlenlp sets its logger to DEBUG when imported, so a level set now would not last; a filter does
+    logging.getLogger("PaddleNLP").addFilter(lambda record: record.levelno >= logging.WARNING)
+
+
+@contextlib.contextmanager
+def native_stdout_silenced():
+    """Drop what native code prints to the process's stdout meanwhile (the tokenizers library prints
+    "Ignored unknown kwarg option __type" for every special token of an original CLIP tokenizer config)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)

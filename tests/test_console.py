@@ -1,0 +1,73 @@
+"""What every command shows besides its own output: --version, one line naming the extra when torch is
+not installed, progress for long checks, and none of the third-party libraries' noise."""
+
+import importlib.metadata
+import subprocess
+import sys
+
+import pytest
+
+COMMANDS = ("convert", "convert.parity", "convert.verify", "convert.publish", "convert.single_file", "convert.builtin",
+            "convert.demo", "export", "riffusion", "riffusion.server", "riffusion.dataset")
+# what Paddle, paddlenlp, datasets, setuptools and tokenizers print on their own
+NOISE = ("No ccache found", "Setuptools is replacing distutils", "[    INFO]", "PyTorch version",
+         "Ignored unknown kwarg option", "not support input out tensor", "Loading configuration file")
+# run the command as if torch, diffusers and transformers were not installed (a [cpu]-only install)
+WITHOUT_TORCH = """
+import importlib.machinery, runpy, sys
+class WithoutTorch(importlib.machinery.PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name.partition(".")[0] in ("torch", "diffusers", "transformers"):
+            return None
+        return super().find_spec(name, path, target)
+sys.meta_path = [WithoutTorch if finder is importlib.machinery.PathFinder else finder for finder in sys.meta_path]
+module, sys.argv = sys.argv[1], sys.argv[1:]
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
+def run(*args, cwd=None):
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_tells_its_version_and_nothing_else(command):
+    result = run("-m", command, "--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"python -m {command}: riffusion-paddle {importlib.metadata.version('riffusion-paddle')}\n"
+    assert result.stderr == ""
+
+
+@pytest.mark.parametrize("command, args", [
+    ("convert", ["--src", "SRC", "--out", "out"]),
+    ("convert", ["--src", "SRC", "--out", "out", "--release", "--no-check"]),
+    ("convert.parity", ["--torch", "SRC", "--paddle", "LIB"]),
+])
+def test_without_torch_one_line_names_the_extra(command, args, torch_repo, paddle_library, tmp_path):
+    args = [torch_repo if arg == "SRC" else paddle_library if arg == "LIB" else arg for arg in args]
+    blocked = run("-c", "import sys; exec(sys.argv[1])", "import torch", cwd=tmp_path)  # the blocker itself works
+    result = run("-c", WITHOUT_TORCH, command, *args, cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: python -m {command.split('.')[0] if command == 'convert' else command} reads torch models and needs "
+        f"torch, which the [cpu] and [gpu] installs leave out: pip install 'riffusion-paddle[convert]'"], result.stderr
+    assert not (tmp_path / "out").exists() and blocked.returncode == 0
+    without = run("-c", WITHOUT_TORCH, "riffusion", "--version", cwd=tmp_path)
+    assert without.returncode == 0  # the runtime needs no torch
+
+
+def test_parity_shows_progress_and_no_third_party_noise(torch_repo, paddle_library):
+    result = run("-m", "convert.parity", "--torch", torch_repo, "--paddle", paddle_library, "--steps", 1)
+    assert result.returncode == 0, result.stderr[-2000:]
+    progress = [line for line in result.stderr.splitlines() if line.startswith("parity [")]
+    assert progress[0] == "parity [1/6]: tokenizer" and progress[-1] == "parity [6/6]: pipeline, 1 steps"
+    assert result.stdout.splitlines()[0].startswith("check ") and "all checks passed" in result.stdout
+    assert [noise for noise in NOISE if noise in result.stdout + result.stderr] == []
+
+
+def test_text_to_audio_prints_no_third_party_noise(paddle_library, tmp_path):
+    result = run("-m", "riffusion", "text-to-audio", "jazz", tmp_path / "jazz.wav", "--checkpoint", paddle_library,
+                 "--steps", 1, "--width", 64)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert [noise for noise in NOISE if noise in result.stdout + result.stderr] == []
