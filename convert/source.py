@@ -84,7 +84,8 @@ def _download(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import constants as hub_constants
     from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError
 
-    patterns = ["model_index.json", "*/*.json", "*/*.txt"]
+    # seed_images/: riffusion-app's seed images and masks, which the original repo ships for the release
+    patterns = ["model_index.json", "*/*.json", "*/*.txt", "seed_images/*.png"]
     try:
         if hub_constants.HF_HUB_OFFLINE:
             patterns += [f"*/{name}" for names in WEIGHT_FILES.values() for name in names]

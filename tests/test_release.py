@@ -62,7 +62,8 @@ def test_manifest_lists_every_file_with_its_hash(release, manifest):
 
 def test_manifest_names_the_source_and_versions(torch_repo, manifest):
     source = manifest["source"]
-    assert source["kind"] == "folder" and source["path"] == str(torch_repo.resolve())
+    assert source["kind"] == "folder" and source["name"] == torch_repo.name
+    assert str(torch_repo.parent) not in json.dumps(manifest)  # no path of this machine is published
     unet = "unet/diffusion_pytorch_model.bin"
     assert source["weights"][unet]["sha256"] == sha256(torch_repo / unet)
     assert set(source["weights"]) == {unet, "vae/diffusion_pytorch_model.bin", "text_encoder/pytorch_model.bin",
@@ -92,8 +93,8 @@ def test_card_renders_with_real_numbers(release, manifest):
     card = (release / "README.md").read_text()
     front = yaml.safe_load(card.split("---")[1])
     assert front["license"] == "creativeml-openrail-m" and front["library_name"] == "ppdiffusers"
-    assert front["base_model"] == "riffusion/riffusion-model-v1" and front["pipeline_tag"]
-    assert {"paddlepaddle", "riffusion", "text-to-audio"} <= set(front["tags"])
+    assert "base_model" not in front and front["pipeline_tag"]  # a local folder: no Hub model to name
+    assert {"paddlepaddle", "riffusion", "text-to-audio", "onnx"} <= set(front["tags"])
     assert not re.search(r"\$\{?[a-z_]+", card), "a placeholder was left unfilled"
     library = {check["name"]: check for check in manifest["parity"]["library"]["checks"]}
     for name in ("unet", "unet[static]", "unet[onnx]", "pipeline"):
@@ -101,6 +102,8 @@ def test_card_renders_with_real_numbers(release, manifest):
     assert f'from_pretrained("{REPO_ID}", from_hf_hub=True)' in card
     assert "riffusion-tiny.safetensors" in card and "export/unet/model.onnx" in card
     assert "| `unet` | `sample` float32 [batch, 4, height, width], `timestep` float32 [steps], " in card
+    assert "| `out_sample` | `fetch_name_0` |" in card
+    assert "each piece checked number by number" in card and "synthesized by riffusion-paddle" in card
     assert "CreativeML OpenRAIL-M" in card and "Forsgren" in card
     assert f"`{manifest['versions']['ppdiffusers']}`" in card
 
@@ -371,3 +374,76 @@ def test_verify_and_publish_refuse_a_fifo_in_the_release(small_release, fake_hub
     assert f"{small_release / 'unet' / 'pipe.bin'}: not a regular file" in verify_error(small_release, capsys)
     assert publish_main(["--folder", str(small_release), "--repo-id", "org/name", "--dry-run"]) == 1
     assert not fake_hub
+
+
+def _variant(manifest, onnx=True, checked=True, components=("unet",), hub=False):
+    """The manifest of the same release as --no-onnx, --no-check, --export-components or a Hub source write it."""
+    manifest = json.loads(json.dumps(manifest))
+    export = manifest["artefacts"]["export"]
+    export["onnx"], export["components"] = onnx, list(components)
+    if not onnx:
+        manifest["files"] = {name: entry for name, entry in manifest["files"].items() if not name.endswith(".onnx")}
+        manifest["parity"]["export"] = [c for c in manifest["parity"]["export"] if c["runtime"] != "onnx"]
+    if not checked:
+        manifest["parity"]["library"] = {"ran": False, "reason": "skipped (--no-check)"}
+    if hub:
+        manifest["source"] = {"kind": "hub", "repo_id": "someone/riffusion-fork", "revision": "a" * 40,
+                              "weights": manifest["source"]["weights"]}
+    return manifest
+
+
+def test_card_says_only_what_the_release_holds_and_checked(manifest):
+    from convert.release.card import render_card
+
+    card = render_card(_variant(manifest, onnx=False, checked=False))
+    front = yaml.safe_load(card.split("---")[1])
+    assert "onnx" not in front["tags"] and "### onnxruntime" not in card and "onnx" not in card.split("## Versions")[0]
+    assert "checked number by number" not in card and "not run for this release (skipped (--no-check))" in card
+    assert "| library vs torch | - | not run: skipped (--no-check) |" in card
+    assert "outputs (onnxruntime)" not in card and "| `unet` |" in card
+    assert 'load_pipeline("riffusion-tiny-paddle", "riffusion-tiny-paddle/export", unet="static")' in card
+    every = render_card(_variant(manifest, components=("unet", "text_encoder", "vae_encoder", "vae_decoder")))
+    assert 'unet="static", text_encoder="static", vae="static")' in every
+    halves = render_card(_variant(manifest, components=("unet", "vae_decoder")))
+    assert 'unet="static")' in halves  # the pipeline's VAE needs both halves
+    hub = yaml.safe_load(render_card(_variant(manifest, hub=True)).split("---")[1])
+    assert hub["base_model"] == "someone/riffusion-fork"
+
+
+def _card_code(release, language):
+    return re.findall(rf"```{language}\n(.*?)```", (release / "README.md").read_text(), re.S)
+
+
+def test_the_cards_snippets_run(release, tmp_path):
+    """The Paddle Inference, onnxruntime and load_pipeline snippets as the card prints them (from inside the
+    downloaded folder, or beside it), and its riffusion command line (with fewer steps, on a narrow image)."""
+    import subprocess
+    import sys
+
+    ppdiffusers, static, pipeline, onnx, single_file = _card_code(release, "python")
+    assert "paddle_infer" in static and "ort.InferenceSession" in onnx and "load_pipeline" in pipeline
+    check = ("\nimport numpy as np\nnp.save('static.npy', noise)\nnoise = unet_onnx.run(None, inputs)[0]\n"
+             "np.save('onnx.npy', noise)\n")
+    code = static + onnx.replace("unet = ort", "unet_onnx = ort").replace("noise = unet.run", "noise = unet_onnx.run") + check
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=release)
+    try:
+        assert result.returncode == 0, result.stderr[-3000:]
+        static_noise, onnx_noise = np.load(release / "static.npy"), np.load(release / "onnx.npy")
+    finally:
+        for name in ("static.npy", "onnx.npy"):
+            (release / name).unlink(missing_ok=True)
+    assert static_noise.shape == (2, 4, 64, 64) and np.isfinite(static_noise).all()
+    assert np.abs(static_noise - onnx_noise).max() < 1e-4
+
+    code = pipeline + "\nprint(type(pipe.unet).__name__, type(pipe.vae).__name__)\n"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=release.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["UNetRuntime", "AutoencoderKL"]
+
+    (bash,) = _card_code(release, "bash")
+    command = next(line for line in bash.splitlines() if "riffusion text-to-audio" in line)
+    args = command.split("python ", 1)[1].replace('"funky synth solo"', "funky").split() + ["--steps", "2", "--width", "64"]
+    args = [str(tmp_path / arg) if arg == "funk.mp3" else arg for arg in args]
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=release.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "funk.mp3").stat().st_size > 1000

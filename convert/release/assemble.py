@@ -28,7 +28,7 @@ import numpy as np
 
 from convert.errors import ConversionError
 from convert.release.manifest import MANIFEST_VERSION, describe_files, release_files, write_manifest
-from riffusion.files import atomic_folder, check_apart, check_destination
+from riffusion.files import atomic_folder, check_apart, check_destination, model_root, plain_file
 from riffusion.layout import EXPORT_FOLDER, SEED_FOLDER
 from convert.source import resolve
 
@@ -84,7 +84,7 @@ def build_release(src: str, out: Path, *, revision: str | None = None, repo_id: 
 
         for path in (single, single.with_suffix(".yaml"), work / EXPORT_FOLDER):
             path.rename(staging / path.name)
-        seeds, masks = _copy_seed_images(staging / SEED_FOLDER)
+        seed_library = _copy_seed_images(source_folder, staging / SEED_FOLDER)
         manifest = {
             "manifest_version": MANIFEST_VERSION,
             "name": out.name,
@@ -99,7 +99,7 @@ def build_release(src: str, out: Path, *, revision: str | None = None, repo_id: 
                 "single_file": {"file": single.name, "config": single.with_suffix(".yaml").name},
                 "export": {"folder": EXPORT_FOLDER, "components": list(components), "onnx": onnx,
                            "report": f"{EXPORT_FOLDER}/export_report.json", "signatures": signatures(export_report)},
-                "seed_images": {"folder": SEED_FOLDER, "seeds": seeds, "masks": masks},
+                "seed_images": seed_library,
                 "model_card": CARD_NAME,
             },
             "parity": {"library": library_parity, "single_file": single_parity, "export": export_checks(export_report)},
@@ -131,10 +131,14 @@ def describe_source(src: str, revision: str | None, folder: Path | None, report:
             path = Path(entry["path"])
             name = path.resolve().relative_to(folder.resolve()).as_posix() if folder else path.name
             weights[name] = {"sha256": entry["sha256"], "bytes": entry["bytes"]}
+    # a local source by its name only: the manifest is published, the path on this machine is nobody's business
     if folder is None:
-        source = {"kind": "single_file", "path": str(Path(src).resolve()), "config": report.get("config_folder")}
+        config = report.get("config_folder")
+        if config and Path(config).exists():
+            config = Path(config).resolve().name
+        source = {"kind": "single_file", "name": Path(src).name, "config": config}
     elif Path(src).is_dir():
-        source = {"kind": "folder", "path": str(Path(src).resolve())}
+        source = {"kind": "folder", "name": Path(src).resolve().name}
     else:
         snapshot = Path(folder).resolve()
         commit = snapshot.name if snapshot.parent.name == "snapshots" else revision
@@ -209,13 +213,18 @@ def export_checks(export_report: dict) -> list[dict]:
     return checks
 
 
-def _copy_seed_images(folder: Path) -> tuple[list[str], list[str]]:
+def _copy_seed_images(source: Path | None, folder: Path) -> dict:
+    """riffusion-app's seed images and masks from the source's seed_images/ when it has them (byte for
+    byte); otherwise riffusion-paddle's synthesized ones (the built-in random-weight models have none)."""
     from riffusion.seed_images import FOLDER, mask_ids, seed_ids
 
+    shipped = sorted(source.joinpath(SEED_FOLDER).glob("*.png")) if source is not None else []
+    shipped = [plain_file(path, model_root(source)) for path in shipped]
     folder.mkdir()
-    for path in sorted(FOLDER.glob("*.png")):
-        shutil.copy2(path, folder / path.name)
-    return seed_ids(folder), mask_ids(folder)
+    for path in shipped or sorted(FOLDER.glob("*.png")):
+        shutil.copyfile(path, folder / path.name)
+    return {"folder": SEED_FOLDER, "origin": "source" if shipped else "synthesized", "seeds": seed_ids(folder),
+            "masks": mask_ids(folder)}
 
 
 def _library_parts(library: Path) -> list[str]:
