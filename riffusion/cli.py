@@ -43,7 +43,13 @@ def _pipeline(args):
         raise CommandError(f"{args.export}: no such export folder; make one with python -m export")
     from riffusion.pipeline import RiffusionPipeline
 
-    return RiffusionPipeline.from_pretrained(args.checkpoint, progress=True, exported=args.export, runtime=args.runtime)
+    from riffusion.errors import InputError
+
+    try:
+        return RiffusionPipeline.from_pretrained(args.checkpoint, progress=True, exported=args.export,
+                                                 runtime=args.runtime, lora=args.lora, lora_scale=args.lora_scale)
+    except InputError as error:
+        raise CommandError(str(error)) from None
 
 
 def _save_image_and_audio(image: Image.Image, out: Path) -> None:
@@ -117,6 +123,8 @@ def _model_options(command) -> None:
     command.add_argument("--export", type=Path, help="a folder made by python -m export: run its static or ONNX programs")
     command.add_argument("--runtime", choices=("dynamic", "static", "onnx"),
                          help="default: the fastest the export holds (onnx, else static), dynamic without --export")
+    command.add_argument("--lora", type=Path, help="a LoRA run folder (python -m riffusion.train) or converted LoRA")
+    command.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength; 0 is the base model (default 1)")
 
 
 def parser() -> argparse.ArgumentParser:

@@ -50,14 +50,16 @@ class RiffusionPipeline:
 
     @classmethod
     def from_pretrained(cls, checkpoint: str, progress: bool = False, exported: str | None = None,
-                        runtime: str | None = None) -> "RiffusionPipeline":
+                        runtime: str | None = None, lora: str | None = None,
+                        lora_scale: float = 1.0) -> "RiffusionPipeline":
         """`exported`: a folder made by `python -m export`; for a release folder (`convert --release`) its
         own `export/` is used when `exported` is not given. Its UNet, text encoder and VAE then run in
         `runtime`: "onnx" (onnxruntime) or "static" (Paddle Inference); parts the export lacks stay
         dynamic. The default is the fastest the export holds: onnx when it was exported with --onnx
         (full-size UNet step, batch 2, 64x64 latents, 2 CPU cores: onnxruntime 4.1 s, Paddle Inference
         4.7 s, torch 7.0 s, Paddle dynamic 35.5 s), else static. Without an export, or with runtime="dynamic", everything runs in
-        Paddle dynamic mode."""
+        Paddle dynamic mode. `lora`: a LoRA folder or file (riffusion.train, convert.lora), fused into
+        the dynamic UNet and text encoder at `lora_scale` (0 gives the base model exactly)."""
         from pathlib import Path
 
         from riffusion.layout import EXPORT_FOLDER
@@ -76,6 +78,14 @@ class RiffusionPipeline:
         # Spectrograms are not photographs: riffusion-hobby runs without the NSFW image filter too.
         pipe = load_pipeline(checkpoint, exported, unet=backend("unet"), text_encoder=backend("text_encoder"),
                              vae=backend("vae_encoder", "vae_decoder"))
+        if lora is not None:
+            from riffusion import lora as adapters
+            from riffusion.errors import InputError
+
+            if backend("unet") != "dynamic" or backend("text_encoder") != "dynamic":
+                raise InputError("--lora needs the dynamic runtime (--runtime dynamic); for static or ONNX programs "
+                                 "fuse the LoRA into a library (python -m convert.lora --fuse) and export that")
+            adapters.apply(pipe, lora, lora_scale)
         return cls(pipe, progress)
 
     @property
