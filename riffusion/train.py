@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from riffusion.console import add_version, quiet_third_party
 from riffusion.errors import InputError
 
 CONFIG_FILE = "train_config.json"
@@ -418,6 +419,7 @@ def train(config: TrainConfig, run: Path, resume: bool = False, overwrite: bool 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m riffusion.train", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+    add_version(p)
     p.add_argument("--checkpoint", type=Path, help="a library made by python -m convert")
     p.add_argument("--data", type=Path, help="a dataset made by python -m riffusion.dataset")
     p.add_argument("--out", type=Path, help="the run folder to write")
@@ -470,6 +472,7 @@ def config_from(args) -> tuple[TrainConfig, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    quiet_third_party()
     try:
         config, run = config_from(args)
         log = train(config, run, resume=args.resume is not None, overwrite=args.overwrite, quiet=args.quiet)
