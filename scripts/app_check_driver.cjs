@@ -84,7 +84,7 @@ async function onResponse(response) {
     if (request.url().endsWith("/api/server")) lastActivity = Date.now();
   });
   page.on("console", (message) => {
-    const match = /^Now playing result (\d+)/.exec(message.text());
+    const match = /^Now playing result\s+(\d+)/.exec(message.text());
     if (match) {
       played.add(Number(match[1]));
       console.log(`[${seconds().toFixed(1)} s] the app plays result ${match[1]}`);
