@@ -8,6 +8,7 @@ img2img from a seed image, optionally keeping the part a mask image marks black.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -100,13 +101,17 @@ class RiffusionPipeline:
                          guidance_scale=guidance, width=width, height=height, generator=generator).images[0]
 
     def interpolate(self, start: PromptInput, end: PromptInput, alpha: float, init_image: Image.Image,
-                    mask_image: Image.Image | None = None, num_inference_steps: int = 50) -> Image.Image:
-        latents = self.interpolate_latents(start, end, alpha, init_image, mask_image, num_inference_steps)
+                    mask_image: Image.Image | None = None, num_inference_steps: int = 50,
+                    on_step: Callable[[int, int], None] | None = None) -> Image.Image:
+        latents = self.interpolate_latents(start, end, alpha, init_image, mask_image, num_inference_steps, on_step)
         return self.decode(latents)
 
     @paddle.no_grad()
     def interpolate_latents(self, start: PromptInput, end: PromptInput, alpha: float, init_image: Image.Image,
-                            mask_image: Image.Image | None = None, num_inference_steps: int = 50) -> paddle.Tensor:
+                            mask_image: Image.Image | None = None, num_inference_steps: int = 50,
+                            on_step: Callable[[int, int], None] | None = None) -> paddle.Tensor:
+        """`on_step(done, total)` is called before each denoising step; an exception it raises stops the
+        work there (the server's way to drop a request whose client has gone)."""
         from ppdiffusers.utils.paddle_utils import randn_tensor
 
         if not 0.0 <= alpha <= 1.0:
@@ -135,10 +140,14 @@ class RiffusionPipeline:
         step_kwargs = {"eta": 0.0} if "eta" in inspect.signature(scheduler.step).parameters else {}
         context = paddle.concat([uncond, text])
         t_start = max(num_inference_steps - init_timestep + offset, 0)
-        for t in tqdm(scheduler.timesteps[t_start:], desc="denoise", disable=not self.progress):
+        timesteps = scheduler.timesteps[t_start:]
+        for done, t in enumerate(tqdm(timesteps, desc="denoise", disable=not self.progress)):
+            if on_step is not None:
+                on_step(done, len(timesteps))
             model_input = scheduler.scale_model_input(paddle.concat([latents, latents]), t)
             noise_uncond, noise_text = pipe.unet(model_input, t, encoder_hidden_states=context).sample.chunk(2)
-            noise_pred = noise_uncond + guidance * (noise_text - noise_uncond)
+            # guidance <= 1 is no classifier-free guidance, as in riffusion-hobby and diffusers
+            noise_pred = noise_text if guidance <= 1 else noise_uncond + guidance * (noise_text - noise_uncond)
             latents = scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
             if mask is not None:
                 kept = scheduler.add_noise(init_latents, noise, t.reshape([1]))

@@ -1,166 +1,173 @@
-"""python -m riffusion.server --checkpoint DIR [--host 127.0.0.1] [--port 3013]
+"""python -m riffusion.server --checkpoint DIR [--host 127.0.0.1] [--port 3013] [--max-steps 100]
 
 riffusion-app's inference API on Paddle: POST /run_inference/ with
   {"alpha", "num_inference_steps", "seed_image_id", "mask_image_id",
    "start": {"prompt", "seed", "denoising", "guidance", "negative_prompt"}, "end": {...}}
-answers {"image": "data:image/jpeg;base64,...", "audio": "data:audio/mpeg;base64,...", "duration_s"}.
-A bad body answers 400 with {"error": "..."}.
+answers {"image": "data:image/jpeg;base64,...", "audio": "data:audio/mpeg;base64,...", "duration_s",
+"num_inference_steps"}. What is accepted, and every reply's bytes, are riffusion.app_api's; this module
+is the transport: HTTP threads read, queue and answer, one worker thread runs the model
+(riffusion.worker), a request whose client hangs up is dropped at the next denoising step, a full
+queue answers 503 with Retry-After, SIGINT and SIGTERM stop the server.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
-import io
-import json
+import select
+import signal
+import socket
 import sys
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING
+from pathlib import Path
 
-from riffusion import seed_images
-from riffusion.audio import image_to_audio, without_clipping, write_audio
+from riffusion import app_api, seed_images
+from riffusion.app_api import BadRequest, Reply
 from riffusion.console import add_version, quiet_third_party
+from riffusion.worker import Busy, Cancelled, InferenceWorker
 
-if TYPE_CHECKING:
-    from riffusion.pipeline import PromptInput
-
-MAX_BODY_BYTES = 64 * 1024
-MAX_STEPS = 500
-
-
-class BadRequest(ValueError):
-    pass
-
-
-def _number(body: dict, key: str, default=None, low=None, high=None, integer=False):
-    value = body.get(key, default)
-    kinds = (int,) if integer else (int, float)  # the web app sends 7 where 7.0 is meant
-    if value is None or isinstance(value, bool) or not isinstance(value, kinds):
-        raise BadRequest(f"{key!r} must be {'an integer' if integer else 'a number'}, got {value!r}")
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise BadRequest(f"{key!r} must be in [{low}, {high}], got {value!r}")
-    return value if integer else float(value)
-
-
-def _prompt(body: dict, key: str) -> PromptInput:
-    from riffusion.pipeline import PromptInput  # imports Paddle: only once main() has quieted its warnings
-
-    part = body.get(key)
-    if not isinstance(part, dict):
-        raise BadRequest(f"{key!r} must be an object with a prompt and a seed")
-    prompt = part.get("prompt")
-    if not isinstance(prompt, str):
-        raise BadRequest(f"{key}.prompt must be a string")
-    negative = part.get("negative_prompt")
-    if negative is not None and not isinstance(negative, str):
-        raise BadRequest(f"{key}.negative_prompt must be a string or null")
-    return PromptInput(
-        prompt=prompt,
-        seed=_number(part, "seed", integer=True, low=0, high=2**32 - 1),
-        negative_prompt=negative,
-        denoising=_number(part, "denoising", 0.75, low=0.0, high=1.0),
-        guidance=_number(part, "guidance", 7.0, low=0.0, high=50.0),
-    )
-
-
-def parse_request(raw: bytes, seed_folder=seed_images.FOLDER) -> dict:
-    """The validated inference request, or BadRequest naming what is wrong."""
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise BadRequest(f"body is not JSON: {error}") from None
-    if not isinstance(body, dict):
-        raise BadRequest("body must be a JSON object")
-    seeds, masks = seed_images.seed_ids(seed_folder), seed_images.mask_ids(seed_folder)
-    seed_id = body.get("seed_image_id", "og_beat")
-    if seed_id not in seeds:
-        raise BadRequest(f"unknown seed_image_id {seed_id!r} (known: {', '.join(seeds)})")
-    mask_id = body.get("mask_image_id")
-    if mask_id is not None and mask_id not in masks:
-        raise BadRequest(f"unknown mask_image_id {mask_id!r} (known: {', '.join(masks)})")
-    return {
-        "alpha": _number(body, "alpha", low=0.0, high=1.0),
-        "num_inference_steps": _number(body, "num_inference_steps", 50, low=1, high=MAX_STEPS, integer=True),
-        "seed_image_id": seed_id,
-        "mask_image_id": mask_id,
-        "start": _prompt(body, "start"),
-        "end": _prompt(body, "end"),
-    }
-
-
-def run_inference(pipeline, request: dict, lock: threading.Lock, seed_folder=seed_images.FOLDER) -> dict:
-    init_image = seed_images.load(request["seed_image_id"], seed_folder)
-    mask = seed_images.load(request["mask_image_id"], seed_folder) if request["mask_image_id"] else None
-    with lock:  # one model, and its scheduler keeps state between steps
-        image = pipeline.interpolate(request["start"], request["end"], request["alpha"], init_image, mask,
-                                     request["num_inference_steps"])
-    audio, sample_rate = image_to_audio(image)
-    jpeg, mp3 = io.BytesIO(), io.BytesIO()
-    image.save(jpeg, format="JPEG")
-    write_audio(mp3, without_clipping(audio), sample_rate, format="MP3")
-    return {
-        "image": "data:image/jpeg;base64," + base64.b64encode(jpeg.getvalue()).decode(),
-        "audio": "data:audio/mpeg;base64," + base64.b64encode(mp3.getvalue()).decode(),
-        "duration_s": round(audio.shape[-1] / sample_rate, 3),
-    }
+SOCKET_TIMEOUT_S = 30.0  # a client that sends or reads nothing for this long loses its connection
+CLIENT_POLL_S = 0.25  # how often a waiting request checks that its client is still there
+DEFAULT_MAX_PENDING = 8
 
 
 class Handler(BaseHTTPRequestHandler):
     server_version = "riffusion-paddle"
+    timeout = SOCKET_TIMEOUT_S  # socketserver sets it on the connection: no read or write waits longer
 
     def do_OPTIONS(self):  # CORS preflight from the web app
-        self._reply(HTTPStatus.NO_CONTENT, None)
+        self._send(app_api.preflight_reply())
 
     def do_GET(self):
         if self.path.rstrip("/") == "":
-            self._reply(HTTPStatus.OK, {"status": "ok", "seed_images": seed_images.seed_ids(self.server.seed_folder),
-                                        "mask_images": seed_images.mask_ids(self.server.seed_folder)})
+            self._send(app_api.status_reply(self.server.seed_folder, self.server.max_steps))
         else:
-            self._reply(HTTPStatus.NOT_FOUND, {"error": f"no such path {self.path}"})
+            self._send(app_api.error_reply(HTTPStatus.NOT_FOUND, f"no such path {self.path}"))
 
     def do_POST(self):
-        if self.path.rstrip("/") != "/run_inference":
-            self._reply(HTTPStatus.NOT_FOUND, {"error": f"no such path {self.path}"})
-            return
+        with self.server.answering:
+            self.server.in_flight += 1
         try:
-            length = int(self.headers.get("Content-Length", "0"))
+            self._send(self._inference())
+        except Exception as error:  # whatever broke, the client gets an answer, not a closed socket
+            self.log_error("inference failed: %r", error)
+            self._send(app_api.error_reply(HTTPStatus.INTERNAL_SERVER_ERROR, f"inference failed: {error}"))
+        finally:
+            with self.server.answering:
+                self.server.in_flight -= 1
+                self.server.answering.notify_all()
+
+    def _inference(self) -> Reply | None:
+        if self.path.rstrip("/") != "/run_inference":
+            return app_api.error_reply(HTTPStatus.NOT_FOUND, f"no such path {self.path}")
+        try:
+            length = int(self.headers.get("Content-Length", ""))
         except ValueError:
             length = -1
-        if not 0 < length <= MAX_BODY_BYTES:
-            self._reply(HTTPStatus.BAD_REQUEST, {"error": f"Content-Length must be 1..{MAX_BODY_BYTES} bytes"})
+        if not 0 < length <= app_api.MAX_BODY_BYTES:
+            return app_api.error_reply(HTTPStatus.BAD_REQUEST,
+                                       f"Content-Length must be 1..{app_api.MAX_BODY_BYTES} bytes")
+        try:
+            raw = self.rfile.read(length)
+        except TimeoutError:
+            return app_api.error_reply(HTTPStatus.REQUEST_TIMEOUT, f"no body within {self.timeout:g} s")
+        server = self.server
+        try:
+            request = app_api.parse_request(raw, server.seed_folder, server.max_steps)
+        except BadRequest as error:
+            return app_api.error_reply(HTTPStatus.BAD_REQUEST, str(error))
+
+        def work(check):
+            image, audio, rate = app_api.infer(server.pipeline, request, server.seed_folder,
+                                               on_step=lambda done, total: check())
+            return app_api.inference_reply(image, audio, rate, request)
+
+        try:
+            job = server.worker.submit(work)
+        except Busy as busy:
+            return app_api.error_reply(HTTPStatus.SERVICE_UNAVAILABLE, str(busy), busy.retry_after_s)
+        except Cancelled as stopping:
+            return app_api.error_reply(HTTPStatus.SERVICE_UNAVAILABLE, str(stopping), 1)
+        while not job.wait(CLIENT_POLL_S):
+            if self._client_gone():
+                job.cancel()
+                self.log_message("client left: request dropped")
+                return None
+        try:
+            return job.result()
+        except Cancelled:
+            return app_api.error_reply(HTTPStatus.SERVICE_UNAVAILABLE, "the server is stopping", 1)
+
+    def _client_gone(self) -> bool:
+        """True once the client has closed its end (HTTP/1.0: it sends nothing more after the body)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:  # reset by the peer
+            return True
+
+    def _send(self, reply: Reply | None) -> None:
+        if reply is None:
             return
         try:
-            request = parse_request(self.rfile.read(length), self.server.seed_folder)
-        except BadRequest as error:
-            self._reply(HTTPStatus.BAD_REQUEST, {"error": str(error)})
-            return
-        self._reply(HTTPStatus.OK, run_inference(self.server.pipeline, request, self.server.lock, self.server.seed_folder))
-
-    def _reply(self, status: HTTPStatus, payload: dict | None) -> None:
-        data = b"" if payload is None else json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Access-Control-Allow-Origin", "*")
-        self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
-        self.send_header("Access-Control-Allow-Headers", "Content-Type")
-        if payload is not None:
-            self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+            self.send_response(reply.status)
+            for name, value in reply.headers:
+                self.send_header(name, value)
+            self.send_header("Content-Length", str(len(reply.body)))
+            self.end_headers()
+            self.wfile.write(reply.body)
+        except OSError as error:  # the client left or stalled while we answered
+            self.log_error("could not answer: %r", error)
+            self.close_connection = True
 
     def log_message(self, format, *args):
         sys.stderr.write(f"{self.address_string()} {format % args}\n")
 
 
-def make_server(pipeline, host: str = "127.0.0.1", port: int = 3013,
-                seed_folder=seed_images.FOLDER) -> ThreadingHTTPServer:
-    server = ThreadingHTTPServer((host, port), Handler)
+class RiffusionServer(ThreadingHTTPServer):
+    request_queue_size = 128  # listen backlog: socketserver's 5 reset connections when 20 arrived at once
+    daemon_threads = True
+
+
+def make_server(pipeline, host: str = "127.0.0.1", port: int = 3013, seed_folder: Path = seed_images.FOLDER,
+                max_steps: int = app_api.DEFAULT_MAX_STEPS, max_pending: int = DEFAULT_MAX_PENDING,
+                socket_timeout_s: float = SOCKET_TIMEOUT_S) -> RiffusionServer:
+    """A server for `pipeline` (which must not have run on another thread: its worker thread runs it
+    from now on). Call `serve_forever()`, then `close(server)`."""
+    if not 1 <= max_steps <= app_api.STEPS_LIMIT:
+        raise ValueError(f"max_steps must be in [1, {app_api.STEPS_LIMIT}], got {max_steps}")
+    handler = type("Handler", (Handler,), {"timeout": socket_timeout_s})
+    server = RiffusionServer((host, port), handler)
     server.pipeline = pipeline
-    server.seed_folder = seed_folder
-    server.lock = threading.Lock()
+    server.seed_folder = Path(seed_folder)
+    server.max_steps = max_steps
+    server.worker = InferenceWorker(max_pending)
+    server.answering, server.in_flight = threading.Condition(), 0
     return server
+
+
+def close(server: RiffusionServer, grace_s: float = 5.0) -> None:
+    """Cancel the model's work (it ends at its next step), give the waiting clients their 503s (up to
+    `grace_s`) and free the socket. Call it once serve_forever has returned."""
+    server.worker.stop()
+    with server.answering:
+        server.answering.wait_for(lambda: server.in_flight == 0, timeout=grace_s)
+    server.server_close()
+
+
+def _count(high: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if not 1 <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be in [1, {high}], got {value}")
+        return value
+
+    return parse
+
+
+def _stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # serve_forever runs on this (main) thread: leave it as SIGINT does
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,10 +183,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="default: the fastest the export holds (onnx, else static), dynamic without --export")
     parser.add_argument("--seed-images", help="folder of seed images and masks (default: the release's seed_images/, "
                         "else the built-in library)")
+    parser.add_argument("--max-steps", type=_count(app_api.STEPS_LIMIT), default=app_api.DEFAULT_MAX_STEPS,
+                        help="run at most this many denoising steps per request (requests asking more get this "
+                        "many; the reply's num_inference_steps says what ran). riffusion-app gives up on a "
+                        f"request after 60 s: on a slow machine set what fits (at most {app_api.STEPS_LIMIT})")
+    parser.add_argument("--max-pending", type=_count(1024), default=DEFAULT_MAX_PENDING,
+                        help="requests that may wait for the model; more are answered 503 with Retry-After")
     args = parser.parse_args(argv)
     quiet_third_party()
-    from pathlib import Path
-
     from riffusion.layout import SEED_FOLDER
 
     if not (Path(args.checkpoint) / "model_index.json").is_file():
@@ -194,14 +205,16 @@ def main(argv: list[str] | None = None) -> int:
     from riffusion.pipeline import RiffusionPipeline
 
     pipeline = RiffusionPipeline.from_pretrained(args.checkpoint, exported=args.export, runtime=args.runtime)
-    server = make_server(pipeline, args.host, args.port, seed_folder)
-    print(f"serving riffusion on http://{args.host}:{server.server_port}/run_inference/", flush=True)
+    server = make_server(pipeline, args.host, args.port, seed_folder, args.max_steps, args.max_pending)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
+        print(f"serving riffusion on http://{args.host}:{server.server_port}/run_inference/ "
+              f"(at most {args.max_steps} steps per request)", flush=True)
         server.serve_forever()
     except KeyboardInterrupt:
-        pass
+        print("stopping", file=sys.stderr, flush=True)
     finally:
-        server.server_close()
+        close(server)
     return 0
 
 
