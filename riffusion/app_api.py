@@ -32,6 +32,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -39,7 +40,9 @@ from PIL import Image
 from riffusion import seed_images
 from riffusion.audio import image_to_audio, without_clipping, write_audio
 from riffusion.errors import InputError
-from riffusion.pipeline import PromptInput
+
+if TYPE_CHECKING:
+    from riffusion.pipeline import PromptInput
 
 MAX_BODY_BYTES = 64 * 1024
 DEFAULT_MAX_STEPS = 100  # twice the app's 50; an operator on a slow machine sets fewer (--max-steps)
@@ -109,6 +112,8 @@ def _integer(body: dict, key: str, default=None, where: str = "") -> int:
 
 
 def _prompt(body: dict, key: str) -> PromptInput:
+    from riffusion.pipeline import PromptInput  # imports Paddle: only once a command has quieted its logs
+
     part = body.get(key)
     if not isinstance(part, dict):
         raise BadRequest(f"{key} must be an object with a prompt and a seed, got {part!r}")
