@@ -33,7 +33,7 @@ def js_json(value) -> bytes:
             return int(item)
         return item
 
-    return json.dumps(plain(value)).encode()
+    return json.dumps(plain(value), separators=(",", ":")).encode()
 
 
 def app_requests(count: int, alpha_velocity: float = 0.25, seed: int = 3, seed_image_id: str = "og_beat",
@@ -79,7 +79,7 @@ SEQUENCES = {  # runtime: the app's URL parameters and how many requests it send
 def test_the_sequence_holds_the_values_the_app_really_sends():
     static = [json.loads(body) for body in app_requests(**SEQUENCES["static"])]
     assert [body["alpha"] for body in static][14:17] == [0.9500000000000003, 1.0000000000000002, 0.050000000000000266]
-    assert static[0]["start"]["guidance"] == 7 and b'"guidance": 7,' in app_requests(1)[0]
+    assert static[0]["start"]["guidance"] == 7 and b'"alpha":0,' in app_requests(1)[0] and b'"guidance":7}' in app_requests(1)[0]
     onnx = [json.loads(body) for body in app_requests(**SEQUENCES["onnx"])]
     assert [(body["start"]["prompt"], body["end"]["prompt"]) for body in onnx][4:6] == [
         (PROMPTS[0], PROMPTS[1]), (PROMPTS[0], PROMPTS[1])]  # a transition: one seed at both ends
