@@ -143,11 +143,15 @@ def apply(pipe, path: Path, scale: float = 1.0) -> None:
     """Load a LoRA into a ppdiffusers pipeline and fuse it at `scale` (0 gives the base weights exactly)."""
     import math
 
-    import paddle
-
     if not math.isfinite(scale):
         raise InputError(f"LoRA scale must be a finite number, got {scale}")
-    tensors = read(path)
+    apply_tensors(pipe, read(path), scale, path)
+
+
+def apply_tensors(pipe, tensors: dict[str, np.ndarray], scale: float = 1.0, path="LoRA") -> None:
+    """apply() for tensors already in memory (this module's file layout)."""
+    import paddle
+
     unet_part = {key[len("unet."):]: paddle.to_tensor(value) for key, value in tensors.items() if key.startswith("unet.")}
     text_part = {key[len("text_encoder."):]: value for key, value in tensors.items() if key.startswith("text_encoder.")}
     if unet_part:

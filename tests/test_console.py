@@ -9,7 +9,7 @@ import pytest
 
 COMMANDS = ("convert", "convert.parity", "convert.verify", "convert.publish", "convert.single_file", "convert.builtin",
             "convert.demo", "export", "riffusion", "riffusion.server", "riffusion.dataset",
-            "riffusion.train")
+            "riffusion.train", "convert.lora")
 # what Paddle, paddlenlp, datasets, setuptools and tokenizers print on their own
 NOISE = ("No ccache found", "Setuptools is replacing distutils", "[    INFO]", "PyTorch version",
          "Ignored unknown kwarg option", "not support input out tensor", "Loading configuration file")
