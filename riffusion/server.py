@@ -13,6 +13,7 @@ queue answers 503 with Retry-After, SIGINT and SIGTERM stop the server.
 from __future__ import annotations
 
 import argparse
+import os
 import select
 import signal
 import socket
@@ -219,4 +220,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # the server has closed everything it opened; the interpreter's teardown of Paddle's predictors
+    # would add seconds (7 s measured here) to a SIGINT or SIGTERM
+    os._exit(code)
