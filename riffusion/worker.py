@@ -25,7 +25,7 @@ class Busy(Exception):
     """The queue of pending work is full; `retry_after_s` estimates when a slot frees up."""
 
     def __init__(self, pending: int, retry_after_s: int):
-        super().__init__(f"{pending} requests are waiting for the model; try again in about {retry_after_s} s")
+        super().__init__(f"busy: the queue for the model is full ({pending} waiting); retry in about {retry_after_s} s")
         self.retry_after_s = retry_after_s
 
 
@@ -98,6 +98,11 @@ class InferenceWorker:
                 pending = self._queue.qsize()
                 raise Busy(pending, max(1, math.ceil(self._seconds_per_job * (pending + 1)))) from None
         return job
+
+    @property
+    def pending(self) -> int:
+        """Jobs waiting (not counting the one running)."""
+        return self._queue.qsize()
 
     def stop(self, timeout: float = 10.0) -> None:
         """Cancel the running and the waiting jobs and end the thread (waits up to `timeout` for the
