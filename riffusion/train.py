@@ -90,6 +90,9 @@ class Trainer:
         from riffusion.dataset import read_rows
 
         self.config, self.rank, self.world = config, rank, world
+        from export.runtime import cpu_count, use_all_cores
+
+        use_all_cores(max(1, cpu_count() // world))  # `import paddle` leaves eager mode one thread
         library = Path(config.checkpoint)
         rows = read_rows(Path(config.data))
         paddle.seed(config.seed)
