@@ -143,6 +143,14 @@ def test_negative_seeds_draw_the_noise_of_their_reduction(narrow_url):
     assert images[0].json()["image"] == images[1].json()["image"]
 
 
+def test_guidance_at_or_below_1_is_no_guidance_as_in_the_hobby(narrow_url):
+    """riffusion-hobby (and diffusers) skip classifier-free guidance at guidance <= 1: -3 and 0.5, which
+    the app sends from ?guidance=, draw what 1 draws; 7 differs."""
+    images = [post(narrow_url, changed(start__guidance=value, end__guidance=value)).json()["image"]
+              for value in (1, 0.5, -3, 7)]
+    assert images[0] == images[1] == images[2] != images[3]
+
+
 @pytest.mark.parametrize("body, message", [
     (b"{not json", "body is not JSON"),
     (b'{"alpha": NaN, "start": {"prompt": "x", "seed": 1}, "end": {"prompt": "x", "seed": 1}}', "body holds NaN"),
