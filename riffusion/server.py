@@ -182,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export", help="a folder made by python -m export: run its static or ONNX programs")
     parser.add_argument("--runtime", choices=("dynamic", "static", "onnx"),
                         help="default: the fastest the export holds (onnx, else static), dynamic without --export")
+    parser.add_argument("--lora", help="a LoRA run folder (python -m riffusion.train) or converted LoRA, merged in "
+                        "(dynamic runtime)")
+    parser.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength; 0 is the base model")
     parser.add_argument("--seed-images", help="folder of seed images and masks (default: the release's seed_images/, "
                         "else the built-in library)")
     parser.add_argument("--max-steps", type=_count(app_api.STEPS_LIMIT), default=app_api.DEFAULT_MAX_STEPS,
@@ -205,7 +208,14 @@ def main(argv: list[str] | None = None) -> int:
         seed_folder = seed_images.FOLDER
     from riffusion.pipeline import RiffusionPipeline
 
-    pipeline = RiffusionPipeline.from_pretrained(args.checkpoint, exported=args.export, runtime=args.runtime)
+    from riffusion.errors import InputError
+
+    try:
+        pipeline = RiffusionPipeline.from_pretrained(args.checkpoint, exported=args.export, runtime=args.runtime,
+                                                     lora=args.lora, lora_scale=args.lora_scale)
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     server = make_server(pipeline, args.host, args.port, seed_folder, args.max_steps, args.max_pending)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:

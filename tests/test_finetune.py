@@ -316,3 +316,21 @@ def test_training_bad_inputs(paddle_library, clips, reference_run, tmp_path):
     for args, message in cases:
         result = _train(*args)
         assert result.returncode == 1 and message in result.stderr, (args, result.stderr)
+
+
+def test_cli_and_server_take_the_lora(paddle_library, reference_run, tmp_path):
+    """`python -m riffusion text-to-audio --lora RUN`: at --lora-scale 0 the image is the base model's byte for byte,
+    at 1 it differs; a missing LoRA stops the CLI and the server with one line."""
+    def text_to_audio(name, *extra):
+        result = _run("-m", "riffusion", "text-to-audio", "a tone", str(tmp_path / f"{name}.wav"), "--checkpoint",
+                      str(paddle_library), "--steps", "2", "--width", "64", *extra)
+        assert result.returncode == 0, result.stderr
+        return np.asarray(Image.open(tmp_path / f"{name}.png"))
+
+    base = text_to_audio("base")
+    np.testing.assert_array_equal(text_to_audio("zero", "--lora", str(reference_run), "--lora-scale", "0"), base)
+    assert np.abs(text_to_audio("one", "--lora", str(reference_run)).astype(int) - base).max() > 0
+    for command in (["riffusion", "text-to-audio", "x", str(tmp_path / "x.wav")], ["riffusion.server"]):
+        result = _run("-m", *command, "--checkpoint", str(paddle_library), "--lora", str(tmp_path / "nowhere"))
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert result.returncode == 1 and len(errors) == 1 and "no paddle_lora_weights.safetensors" in errors[0]
