@@ -41,6 +41,26 @@ def slerp(alpha: float, v0: np.ndarray, v1: np.ndarray, dot_threshold: float = 0
     return mixed.astype(v0.dtype)
 
 
+@dataclass(frozen=True)
+class PreparedInterpolation:
+    """One interpolation request ready to denoise: its rows of a (possibly batched) UNet call."""
+
+    text: paddle.Tensor  # [1, tokens, dim], lerped
+    uncond: paddle.Tensor
+    guidance: float
+    init_latents: paddle.Tensor  # [1, C, h, w]: the seed image's latents, kept where the mask says so
+    noise: paddle.Tensor
+    latents: paddle.Tensor  # init_latents noised to the first step
+    mask: paddle.Tensor | None
+    num_inference_steps: int
+    t_start: int  # the first step of the schedule that runs (from the denoising strength)
+
+    @property
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share every UNet call (`RiffusionPipeline.denoise`)."""
+        return self.num_inference_steps, self.t_start, tuple(self.latents.shape), self.mask is None
+
+
 class RiffusionPipeline:
     """Wraps a ppdiffusers StableDiffusionPipeline (its components may be static or ONNX runtimes)."""
 
@@ -112,6 +132,14 @@ class RiffusionPipeline:
                             on_step: Callable[[int, int], None] | None = None) -> paddle.Tensor:
         """`on_step(done, total)` is called before each denoising step; an exception it raises stops the
         work there (the server's way to drop a request whose client has gone)."""
+        prepared = self.prepare_interpolation(start, end, alpha, init_image, mask_image, num_inference_steps)
+        return self.denoise([prepared], on_step)
+
+    @paddle.no_grad()
+    def prepare_interpolation(self, start: PromptInput, end: PromptInput, alpha: float, init_image: Image.Image,
+                              mask_image: Image.Image | None = None,
+                              num_inference_steps: int = 50) -> PreparedInterpolation:
+        """Everything one request needs before its denoising loop, from its own seeds' generators."""
         from ppdiffusers.utils.paddle_utils import randn_tensor
 
         if not 0.0 <= alpha <= 1.0:
@@ -136,18 +164,38 @@ class RiffusionPipeline:
         init_timestep = min(int(num_inference_steps * strength) + offset, num_inference_steps)
         latents = scheduler.add_noise(init_latents, noise, scheduler.timesteps[-init_timestep].reshape([1]))
         mask = None if mask_image is None else self._mask_tensor(mask_image, shape)
+        return PreparedInterpolation(text=text, uncond=uncond, guidance=guidance, init_latents=init_latents,
+                                     noise=noise, latents=latents, mask=mask, num_inference_steps=num_inference_steps,
+                                     t_start=max(num_inference_steps - init_timestep + offset, 0))
+
+    @paddle.no_grad()
+    def denoise(self, batch: list[PreparedInterpolation],
+                on_step: Callable[[int, int], None] | None = None) -> paddle.Tensor:
+        """The denoising loop for requests with one `batch_key`, all in one UNet call per step (2 x B rows
+        with guidance); row i of the result is request i's latents. Every per-request number (guidance,
+        noise, mask) stays per row, so a request's answer is the one it gets alone, up to how the UNet's
+        kernels sum at another batch size."""
+        keys = {item.batch_key for item in batch}
+        if len(keys) != 1:
+            raise ValueError(f"one batch needs one step count, start step, latent shape and mask use; got {sorted(keys)}")
+        first, pipe, scheduler = batch[0], self.pipe, self.pipe.scheduler
+        scheduler.set_timesteps(first.num_inference_steps)  # multistep schedulers restart their history
+        latents = paddle.concat([item.latents for item in batch])
+        context = paddle.concat([item.uncond for item in batch] + [item.text for item in batch])
+        guidance = paddle.to_tensor([item.guidance for item in batch], dtype=latents.dtype).reshape([-1, 1, 1, 1])
+        init_latents = paddle.concat([item.init_latents for item in batch])
+        noise = paddle.concat([item.noise for item in batch])
+        mask = None if first.mask is None else paddle.concat([item.mask for item in batch])
 
         step_kwargs = {"eta": 0.0} if "eta" in inspect.signature(scheduler.step).parameters else {}
-        context = paddle.concat([uncond, text])
-        t_start = max(num_inference_steps - init_timestep + offset, 0)
-        timesteps = scheduler.timesteps[t_start:]
+        timesteps = scheduler.timesteps[first.t_start:]
         for done, t in enumerate(tqdm(timesteps, desc="denoise", disable=not self.progress)):
             if on_step is not None:
                 on_step(done, len(timesteps))
             model_input = scheduler.scale_model_input(paddle.concat([latents, latents]), t)
             noise_uncond, noise_text = pipe.unet(model_input, t, encoder_hidden_states=context).sample.chunk(2)
             # guidance <= 1 is no classifier-free guidance, as in riffusion-hobby and diffusers
-            noise_pred = noise_text if guidance <= 1 else noise_uncond + guidance * (noise_text - noise_uncond)
+            noise_pred = paddle.where(guidance <= 1, noise_text, noise_uncond + guidance * (noise_text - noise_uncond))
             latents = scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
             if mask is not None:
                 kept = scheduler.add_noise(init_latents, noise, t.reshape([1]))
