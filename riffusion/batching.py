@@ -51,3 +51,31 @@ def interpolate_many(pipeline: RiffusionPipeline, jobs: list[Interpolation]) -> 
             except Exception as error:
                 results[index] = error
     return results
+
+
+def infer_many(pipeline: RiffusionPipeline, requests: list, seed_folder) -> list[tuple | Exception]:
+    """riffusion-app requests (`app_api.InferenceRequest`) batched: (image, audio, sample rate) per
+    request, in order, or the exception that request met. Run it on the thread that owns the pipeline."""
+    from riffusion import app_api
+    from riffusion.audio import image_to_audio
+
+    jobs, failed = [], {}
+    for index, request in enumerate(requests):
+        try:
+            init_image, mask = app_api.request_images(request, seed_folder)
+        except Exception as error:
+            failed[index] = error
+            continue
+        jobs.append((index, Interpolation(request.start, request.end, request.alpha, init_image, mask,
+                                          request.num_inference_steps)))
+    images = dict(zip((index for index, _ in jobs), interpolate_many(pipeline, [job for _, job in jobs])))
+    results = []
+    for index in range(len(requests)):
+        outcome = failed.get(index, images.get(index))
+        if isinstance(outcome, Image.Image):
+            try:
+                outcome = (outcome, *image_to_audio(outcome))
+            except Exception as error:
+                outcome = error
+        results.append(outcome)
+    return results

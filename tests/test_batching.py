@@ -40,7 +40,7 @@ def users(seed_image, mask=None):
                       0.35, seed_image, mask, STEPS),
         Interpolation(PromptInput("piano", seed=5, negative_prompt="drums"), PromptInput("piano", seed=6), 0.8,
                       seed_image, mask, STEPS),
-        Interpolation(PromptInput("a", seed=2**32 - 1, guidance=1.5), PromptInput("b", seed=0, guidance=3.0), 1.0,
+        Interpolation(PromptInput("a", seed=2**32 - 1, guidance=1.5), PromptInput("b", seed=0, guidance=0.5), 1.0,
                       seed_image, mask, STEPS),
     ]
 
