@@ -11,7 +11,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[cpu,convert,test]'
+	$(PY) -m pip install --quiet -e '.[cpu,convert,serve,test]'
 	# open-clip-torch only carries the real CLIP BPE merges for test tokenizers; its own
 	# dependencies (torchvision, timm) are never imported, and would drag in another torch.
 	$(PY) -m pip install --quiet --no-deps open-clip-torch==3.3.0

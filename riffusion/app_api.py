@@ -183,12 +183,17 @@ def infer(pipeline, request: InferenceRequest, seed_folder: Path = seed_images.F
     """(spectrogram image, audio, sample rate) for a parsed request. Run it on the one thread that owns
     the pipeline: Paddle Inference predictors fail when called from a different thread each time.
     `on_step` goes to the denoising loop (raise from it to stop)."""
-    init_image = _image(request.seed_image_id, seed_folder)
-    mask = _image(request.mask_image_id, seed_folder) if request.mask_image_id else None
+    init_image, mask = request_images(request, seed_folder)
     image = pipeline.interpolate(request.start, request.end, request.alpha, init_image, mask,
                                  request.num_inference_steps, on_step=on_step)
     audio, sample_rate = image_to_audio(image)
     return image, audio, sample_rate
+
+
+def request_images(request: InferenceRequest, seed_folder: Path) -> tuple[Image.Image, Image.Image | None]:
+    """The request's seed image and its mask (None without one); riffusion.batching uses it too."""
+    init_image = _image(request.seed_image_id, seed_folder)
+    return init_image, _image(request.mask_image_id, seed_folder) if request.mask_image_id else None
 
 
 def _image(image_id: str, seed_folder: Path) -> Image.Image:

@@ -122,3 +122,17 @@ def load(image_id: str, folder: Path = FOLDER) -> Image.Image:
     with Image.open(folder / f"{image_id}.png") as image:
         image.load()
         return image
+
+
+def folder_for(checkpoint: str | Path, chosen: str | Path | None = None) -> Path:
+    """The seed images a server uses: `chosen`, else the checkpoint's (a release's) seed_images/, else the
+    built-in library. InputError when `chosen` holds none."""
+    from riffusion.errors import InputError
+    from riffusion.layout import SEED_FOLDER
+
+    if chosen:
+        if not seed_ids(Path(chosen)):
+            raise InputError(f"{chosen}: no seed images (*.png) there")
+        return Path(chosen)
+    folder = Path(checkpoint) / SEED_FOLDER
+    return folder if seed_ids(folder) else FOLDER

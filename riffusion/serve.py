@@ -33,7 +33,8 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from riffusion import app_api, seed_images
+from riffusion import app_api
+from riffusion import seed_images as seeds  # `seed_images` is the folder argument's name below
 from riffusion.app_api import BadRequest, Reply
 from riffusion.errors import InputError
 
@@ -45,19 +46,6 @@ DEFAULT_MAX_QUEUED = 8  # per replica, beyond the batch being computed
 HEALTHY_AFTER_SUCCESS_S = 60.0  # a replica that answered this recently needs no probe
 PROBE_TIMEOUT_S = 20.0
 PROBE_STEPS = 2  # the fewest with a UNet call at full denoising (schedulers skip the first of one)
-
-
-def seed_folder_for(checkpoint: str, chosen: str | None) -> Path:
-    """The seed images a server uses: `chosen`, else the release's seed_images/, else the built-in ones."""
-    from riffusion.layout import SEED_FOLDER
-
-    if chosen:
-        folder = Path(chosen)
-        if not seed_images.seed_ids(folder):
-            raise InputError(f"{folder}: no seed images (*.png) there")
-        return folder
-    folder = Path(checkpoint) / SEED_FOLDER
-    return folder if seed_images.seed_ids(folder) else seed_images.FOLDER
 
 
 def _response(reply: Reply) -> Response:
@@ -79,7 +67,7 @@ class RiffusionModel:
                  seed_images: str | None = None):
         from riffusion.pipeline import RiffusionPipeline
 
-        self.seed_folder = seed_folder_for(checkpoint, seed_images)
+        self.seed_folder = seeds.folder_for(checkpoint, seed_images)
         # One thread owns the pipeline: Paddle Inference predictors fail when called from another thread.
         self.owner = ThreadPoolExecutor(1, thread_name_prefix="riffusion-model")
         self.pipeline = self.owner.submit(RiffusionPipeline.from_pretrained, checkpoint, exported=export,
@@ -127,7 +115,7 @@ class RiffusionModel:
 
         from riffusion.pipeline import PromptInput
 
-        image = seed_images.load(seed_images.seed_ids(self.seed_folder)[0], self.seed_folder)
+        image = seeds.load(seeds.seed_ids(self.seed_folder)[0], self.seed_folder)
         steps = []
         prompt = PromptInput("", denoising=1.0)
         latents = self.pipeline.interpolate_latents(prompt, prompt, 0.0, image, None, PROBE_STEPS,
@@ -147,7 +135,7 @@ class RiffusionIngress:
     def __init__(self, model, checkpoint: str, seed_images: str | None = None,
                  max_steps: int = app_api.DEFAULT_MAX_STEPS, request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S):
         self.model = model
-        self.seed_folder = seed_folder_for(checkpoint, seed_images)
+        self.seed_folder = seeds.folder_for(checkpoint, seed_images)
         self.max_steps = max_steps
         self.request_timeout_s = request_timeout_s
         self.seconds_per_request = 10.0  # a first guess for Retry-After until a request has been answered
@@ -209,14 +197,16 @@ def build(checkpoint: str, export: str | None = None, runtime: str | None = None
     """The Serve application: ingress + `replicas` model replicas."""
     if not (Path(checkpoint) / "model_index.json").is_file():
         raise InputError(f"{checkpoint}: not a converted library (no model_index.json)")
-    seed_folder_for(checkpoint, seed_images)
+    seeds.folder_for(checkpoint, seed_images)
     model = RiffusionModel.options(
         num_replicas=replicas, ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
         max_ongoing_requests=max_batch_size + max_queued, max_queued_requests=max_queued * replicas,
         graceful_shutdown_timeout_s=request_timeout_s,
         user_config={"max_batch_size": max_batch_size, "batch_wait_s": batch_wait_s},
     ).bind(checkpoint, export, runtime, seed_images)
-    return RiffusionIngress.bind(model, checkpoint, seed_images, max_steps, request_timeout_s)
+    # a stopping ingress waits for its requests' answers as long as a request may take
+    return RiffusionIngress.options(graceful_shutdown_timeout_s=request_timeout_s).bind(
+        model, checkpoint, seed_images, max_steps, request_timeout_s)
 
 
 def app_builder(args: dict):

@@ -195,17 +195,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="requests that may wait for the model; more are answered 503 with Retry-After")
     args = parser.parse_args(argv)
     quiet_third_party()
-    from riffusion.layout import SEED_FOLDER
+    from riffusion.errors import InputError
 
     if not (Path(args.checkpoint) / "model_index.json").is_file():
         print(f"error: {args.checkpoint}: not a converted library (no model_index.json)", file=sys.stderr)
         return 1
-    seed_folder = Path(args.seed_images) if args.seed_images else Path(args.checkpoint) / SEED_FOLDER
-    if not seed_images.seed_ids(seed_folder):
-        if args.seed_images:
-            print(f"error: {seed_folder}: no seed images (*.png) there", file=sys.stderr)
-            return 1
-        seed_folder = seed_images.FOLDER
+    try:
+        seed_folder = seed_images.folder_for(args.checkpoint, args.seed_images)
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     from riffusion.pipeline import RiffusionPipeline
 
     from riffusion.errors import InputError
