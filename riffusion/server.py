@@ -207,8 +207,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from riffusion.pipeline import RiffusionPipeline
 
-    from riffusion.errors import InputError
-
     try:
         pipeline = RiffusionPipeline.from_pretrained(args.checkpoint, exported=args.export, runtime=args.runtime,
                                                      lora=args.lora, lora_scale=args.lora_scale)
