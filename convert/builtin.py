@@ -20,7 +20,7 @@ import torch
 
 from convert.errors import ConversionError
 from convert.source import WEIGHT_FILES
-from riffusion.console import add_version
+from riffusion.console import HelpFormatter, add_version
 
 SIZES = {
     "tiny": {
@@ -228,7 +228,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m convert.builtin", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="python -m convert.builtin", formatter_class=HelpFormatter,
         description="Write a random-weight torch diffusers repo with riffusion/riffusion-model-v1's layout and quirks "
                     "(configs, .bin or .safetensors weights, the real CLIP BPE vocabulary), for trying and testing "
                     "the converter without downloading the model: python -m convert --src OUT ...")

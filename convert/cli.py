@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 
 from convert.errors import needs_torch
-from riffusion.console import add_version, quiet_third_party
+from riffusion.console import HelpFormatter, add_version, quiet_third_party
 from riffusion.errors import InputError
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m convert", description=__doc__.split(": ", 1)[1],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     add_version(p)
     p.add_argument("--src", required=True, help="Hub repo id (e.g. riffusion/riffusion-model-v1), a local diffusers "
                    "folder, or a single-file LDM checkpoint (.ckpt / .safetensors)")

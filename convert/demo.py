@@ -14,14 +14,14 @@ from pathlib import Path
 from convert import cli
 from convert.release import publish, verify
 from convert.builtin import build
-from riffusion.console import add_version
+from riffusion.console import HelpFormatter, add_version
 
 REPO_ID = "your-org/riffusion-tiny-paddle"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m convert.demo", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     add_version(parser)
     parser.add_argument("--out", type=Path, default=Path("demo-output"))
     args = parser.parse_args(argv)

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from convert.errors import ConversionError, needs_torch
-from riffusion.console import add_version, native_stdout_silenced, quiet_third_party
+from riffusion.console import HelpFormatter, add_version, native_stdout_silenced, quiet_third_party
 from riffusion.errors import InputError
 
 # Absolute tolerances, float32 compute. optimum's exporter uses text 1e-3, unet 1e-4, vae 3e-4.
@@ -382,7 +382,7 @@ def required_parity(torch_src: str, paddle_dir: Path, exported: Path | None = No
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m convert.parity", description="torch vs Paddle parity of a converted "
                                      "library: exit status 1 when any check fails",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     add_version(parser)
     parser.add_argument("--torch", required=True, help="the torch source: Hub id or diffusers folder")
     parser.add_argument("--paddle", required=True, type=Path, help="the converted ppdiffusers library")

@@ -28,7 +28,7 @@ from convert.source import resolve
 from riffusion.files import check_apart, read_json
 from convert.tensorfile import SourceTensor, TensorFile
 from convert.writer import StreamingSafetensorsWriter
-from riffusion.console import add_version, quiet_third_party
+from riffusion.console import HelpFormatter, add_version, quiet_third_party
 
 PARTS: dict[str, Part] = {"unet": UNET, "vae": VAE, "text_encoder": CLIP_TEXT}
 
@@ -130,7 +130,7 @@ def write_single_file(src: str, out: Path, dtype: str = "float32", overwrite: bo
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m convert.single_file", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     add_version(parser)
     parser.add_argument("--src", required=True, help="torch diffusers repo (Hub id or folder) or a library made by convert")
     parser.add_argument("--out", required=True, type=Path, help="FILE.safetensors or FILE.ckpt")

@@ -78,26 +78,42 @@ def weight_files(folder: Path, family: str, root: Path | None = None) -> list[Pa
 
 
 def _download(repo_id: str, revision: str | None) -> Path:
-    """Fetch only what conversion reads: JSON/tokenizer files and one weight format per part.
-    With HF_HUB_OFFLINE=1 this resolves from the local Hugging Face cache."""
+    """Fetch only what conversion and the release read: JSON/tokenizer files, one weight format per part
+    and the seed images. With HF_HUB_OFFLINE=1 this resolves from the local Hugging Face cache."""
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub import constants as hub_constants
     from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError
+    from requests.exceptions import ConnectionError, Timeout
 
     # seed_images/: riffusion-app's seed images and masks, which the original repo ships for the release
-    patterns = ["model_index.json", "*/*.json", "*/*.txt", "seed_images/*.png"]
+    patterns = ["model_index.json", "*/*.json", "*/*.txt", "seed_images/*.png", "*/*-of-*.safetensors", "*/*-of-*.bin"]
+    every_format = [f"*/{name}" for names in WEIGHT_FILES.values() for name in names]
     try:
         if hub_constants.HF_HUB_OFFLINE:
-            patterns += [f"*/{name}" for names in WEIGHT_FILES.values() for name in names]
+            patterns += every_format
         else:
             patterns += _preferred_weights(HfApi().list_repo_files(repo_id, revision=revision))
-        patterns += ["*/*-of-*.safetensors", "*/*-of-*.bin"]  # shards named by an index
         folder = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
     except LocalEntryNotFoundError:
         raise ConversionError(f"{repo_id}: not in the local Hugging Face cache and the Hub is not reachable") from None
     except HfHubHTTPError as error:
         raise ConversionError(f"{repo_id}: Hub download failed: {str(error).splitlines()[0]}") from None
+    except (ConnectionError, Timeout) as error:
+        try:
+            snapshot_download(repo_id, revision=revision, allow_patterns=patterns + every_format, local_files_only=True)
+            hint = "it is in the local Hugging Face cache: run again with HF_HUB_OFFLINE=1 to convert from there"
+        except LocalEntryNotFoundError:
+            hint = "and it is not in the local Hugging Face cache"
+        raise ConversionError(f"{repo_id}: {hub_unreachable(error)}; {hint}") from None
     return resolve(folder)
+
+
+def hub_unreachable(error: Exception) -> str:
+    """One line for a failed connection: the host and the system's reason, not urllib3's nested repr."""
+    from huggingface_hub import constants as hub_constants
+
+    reason = re.search(r"\[Errno [^\]]+\] [^'\")\]]+", str(error))
+    return f"cannot reach the Hub at {hub_constants.ENDPOINT} ({reason.group(0) if reason else type(error).__name__})"
 
 
 def _preferred_weights(repo_files: list[str]) -> list[str]:

@@ -8,12 +8,12 @@ from pathlib import Path
 
 from riffusion.errors import InputError
 from export.specs import COMPONENTS
-from riffusion.console import add_version, quiet_third_party
+from riffusion.console import HelpFormatter, add_version, quiet_third_party
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m export", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="python -m export", formatter_class=HelpFormatter,
         description="Export the UNet, text encoder and VAE of a library made by `python -m convert` to Paddle static "
                     "programs (OUT/<component>/inference.json + inference.pdiparams) and, with --onnx, ONNX "
                     "(OUT/<component>/model.onnx). Batch, height and width stay dynamic. Every export is checked "

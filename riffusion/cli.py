@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
-from riffusion.console import add_version, quiet_third_party
+from riffusion.console import HelpFormatter, add_version, quiet_third_party
 
 
 class CommandError(Exception):
@@ -41,15 +41,40 @@ def _pipeline(args):
         raise CommandError(f"{args.checkpoint}: not a converted library (no model_index.json); make one with python -m convert")
     if args.export is not None and not args.export.is_dir():
         raise CommandError(f"{args.export}: no such export folder; make one with python -m export")
+    from export.cache import cached_export
+    from export.runtime import ONNX_MODEL
+    from riffusion.layout import EXPORT_FOLDER
     from riffusion.pipeline import RiffusionPipeline
 
     from riffusion.errors import InputError
 
+    runtime = args.runtime or ("dynamic" if args.lora else None)  # a LoRA is fused into the dynamic models only
+    exported = args.export
+    if exported is None and (args.checkpoint / EXPORT_FOLDER / "unet").is_dir():
+        exported = args.checkpoint / EXPORT_FOLDER  # a release folder brings its own
+    if runtime == "onnx" and not (exported is not None and (exported / "unet" / ONNX_MODEL).is_file()):
+        raise CommandError(f"--runtime onnx: no ONNX programs {f'in {exported}' if exported else 'given'}; export "
+                           f"them with python -m export --onnx and pass --export FOLDER (or choose --runtime static)")
+    if exported is None and runtime != "dynamic":
+        exported = cached_export(args.checkpoint)
     try:
-        return RiffusionPipeline.from_pretrained(args.checkpoint, progress=True, exported=args.export,
-                                                 runtime=args.runtime, lora=args.lora, lora_scale=args.lora_scale)
+        pipeline = RiffusionPipeline.from_pretrained(args.checkpoint, progress=True, exported=exported, runtime=runtime,
+                                                     lora=args.lora, lora_scale=args.lora_scale)
     except InputError as error:
         raise CommandError(str(error)) from None
+    print(f"running: {_runtimes(pipeline.pipe)}", file=sys.stderr, flush=True)
+    return pipeline
+
+
+def _runtimes(pipe) -> str:
+    """Which engine runs each part of the loaded pipeline, as the user should know it."""
+    def engine(model) -> str:
+        session = getattr(model, "session", None) or getattr(getattr(model, "decoder", None), "session", None)
+        if session is None:
+            return "Paddle dynamic"
+        return "onnxruntime" if type(session).__name__ == "OnnxSession" else "Paddle Inference"
+
+    return ", ".join(f"{name} {engine(getattr(pipe, name))}" for name in ("unet", "text_encoder", "vae"))
 
 
 def _save_image_and_audio(image: Image.Image, out: Path) -> None:
@@ -119,12 +144,18 @@ def make_seed_image(args) -> None:
 
 
 def _model_options(command) -> None:
-    command.add_argument("--checkpoint", type=Path, required=True, help="a library made by python -m convert")
-    command.add_argument("--export", type=Path, help="a folder made by python -m export: run its static or ONNX programs")
+    command.add_argument("--library", "--checkpoint", dest="checkpoint", type=Path, required=True,
+                         help="a library made by python -m convert, or a release folder (convert --release)")
+    command.add_argument("--export", "--exported", dest="export", type=Path,
+                         help="a folder made by python -m export (default: a release's own export/; for a plain "
+                              "library its UNet's static program, exported once on first use into the user cache, "
+                              "~/.cache/riffusion-paddle or $RIFFUSION_PADDLE_CACHE)")
     command.add_argument("--runtime", choices=("dynamic", "static", "onnx"),
-                         help="default: the fastest the export holds (onnx, else static), dynamic without --export")
+                         help="static: Paddle Inference; onnx: onnxruntime (needs an export made with --onnx); "
+                              "dynamic: Paddle's eager mode, about 20x slower on CPU. Default: the fastest the "
+                              "export holds (dynamic with --lora). The command prints which engine runs each part")
     command.add_argument("--lora", type=Path, help="a LoRA run folder (python -m riffusion.train) or converted LoRA")
-    command.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength; 0 is the base model (default 1)")
+    command.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength; 0 is the base model")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -132,43 +163,43 @@ def parser() -> argparse.ArgumentParser:
     add_version(p)
     commands = p.add_subparsers(dest="command", required=True)
 
-    c = commands.add_parser("audio-to-image", help="spectrogram image of an audio file")
+    c = commands.add_parser("audio-to-image", formatter_class=HelpFormatter, help="spectrogram image of an audio file")
     c.add_argument("input", type=Path)
     c.add_argument("output", type=Path)
     c.set_defaults(run=audio_to_image)
 
-    c = commands.add_parser("image-to-audio", help="audio of a spectrogram image")
+    c = commands.add_parser("image-to-audio", formatter_class=HelpFormatter, help="audio of a spectrogram image")
     c.add_argument("input", type=Path)
     c.add_argument("output", type=Path, help=".wav, .mp3, .flac ...")
     c.set_defaults(run=image_to_audio)
 
-    c = commands.add_parser("text-to-audio", help="a prompt to a spectrogram image and its audio")
+    c = commands.add_parser("text-to-audio", formatter_class=HelpFormatter, help="a prompt to a spectrogram image and its audio")
     c.add_argument("prompt")
     c.add_argument("output", type=Path, help="audio file; the image is written beside it as .png")
     _model_options(c)
-    c.add_argument("--negative-prompt")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--steps", type=int, default=50)
-    c.add_argument("--guidance", type=float, default=7.0)
+    c.add_argument("--negative-prompt", help="what the image should not hold")
+    c.add_argument("--seed", type=int, default=0, help="random seed of the initial noise")
+    c.add_argument("--steps", type=int, default=50, help="denoising steps")
+    c.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale")
     c.add_argument("--width", type=int, default=512, help="multiple of 8; 512 is 5.12 s")
     c.set_defaults(run=text_to_audio)
 
-    c = commands.add_parser("interpolate", help="between two prompts/seeds at --alpha, from a seed image")
+    c = commands.add_parser("interpolate", formatter_class=HelpFormatter, help="between two prompts/seeds at --alpha, from a seed image")
     c.add_argument("start")
     c.add_argument("end")
     c.add_argument("output", type=Path, help="audio file; the image is written beside it as .png")
     _model_options(c)
-    c.add_argument("--alpha", type=float, default=0.5)
-    c.add_argument("--start-seed", type=int, default=0)
-    c.add_argument("--end-seed", type=int, default=1)
+    c.add_argument("--alpha", type=float, default=0.5, help="0 is the start prompt and seed, 1 the end")
+    c.add_argument("--start-seed", type=int, default=0, help="noise seed of the start")
+    c.add_argument("--end-seed", type=int, default=1, help="noise seed of the end")
     c.add_argument("--seed-image", type=Path, default=Path("og_beat"), help="a library id (og_beat, ...) or an image file")
     c.add_argument("--mask", type=Path, help="a library mask id or an image file")
-    c.add_argument("--denoising", type=float, default=0.75)
-    c.add_argument("--guidance", type=float, default=7.0)
-    c.add_argument("--steps", type=int, default=50)
+    c.add_argument("--denoising", type=float, default=0.75, help="how much of the seed image is repainted")
+    c.add_argument("--guidance", type=float, default=7.0, help="classifier-free guidance scale")
+    c.add_argument("--steps", type=int, default=50, help="denoising steps")
     c.set_defaults(run=interpolate)
 
-    c = commands.add_parser("make-seed-image", help="a 512x512 seed image from the first 5.12 s of an audio file")
+    c = commands.add_parser("make-seed-image", formatter_class=HelpFormatter, help="a 512x512 seed image from the first 5.12 s of an audio file")
     c.add_argument("input", type=Path)
     c.add_argument("output", type=Path)
     c.set_defaults(run=make_seed_image)

@@ -47,3 +47,14 @@ def native_stdout_silenced():
     finally:
         os.dup2(saved, 1)
         os.close(saved)
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's default at the end of its help, where it has one worth saying."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        said = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if action.option_strings and not said and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text

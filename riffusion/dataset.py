@@ -32,7 +32,7 @@ import numpy as np
 from riffusion.errors import InputError
 from riffusion.files import atomic_folder
 from riffusion.params import SpectrogramParams
-from riffusion.console import add_version, quiet_third_party
+from riffusion.console import HelpFormatter, add_version, quiet_third_party
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3"}
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
@@ -256,7 +256,7 @@ def read_rows(dataset: Path) -> list[dict]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m riffusion.dataset",
                                 description="captioned audio files -> spectrogram image dataset (imagefolder)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     add_version(p)
     p.add_argument("--audio", type=Path, required=True, help="folder of audio files and captions")
     p.add_argument("--out", type=Path, required=True, help="dataset folder to write")

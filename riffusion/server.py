@@ -25,7 +25,7 @@ from pathlib import Path
 
 from riffusion import app_api, seed_images
 from riffusion.app_api import BadRequest, Reply
-from riffusion.console import add_version, quiet_third_party
+from riffusion.console import HelpFormatter, add_version, quiet_third_party
 from riffusion.worker import Busy, Cancelled, InferenceWorker
 
 SOCKET_TIMEOUT_S = 30.0  # a client that sends or reads nothing for this long loses its connection
@@ -173,7 +173,7 @@ def _stop_on_sigterm(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m riffusion.server", description="riffusion-app's inference server on Paddle",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     add_version(parser)
     parser.add_argument("--checkpoint", required=True, help="a ppdiffusers library made by `python -m convert` "
                         "(a release folder brings its own export/ and seed_images/)")

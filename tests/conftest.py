@@ -9,6 +9,12 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("HF_HOME", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "hf_home"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def export_cache(tmp_path_factory):
+    """Programs that commands export on first use (export/cache.py) go here, not into the user's cache."""
+    os.environ["RIFFUSION_PADDLE_CACHE"] = str(tmp_path_factory.mktemp("export-cache"))
+
+
 @pytest.fixture(scope="session")
 def torch_repo(tmp_path_factory):
     from convert.builtin import build

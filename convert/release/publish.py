@@ -16,9 +16,9 @@ from pathlib import Path
 from convert.errors import ConversionError
 from riffusion.errors import InputError
 from convert.release.manifest import MANIFEST_NAME, read_manifest
-from convert.source import HUB_ID
+from convert.source import HUB_ID, hub_unreachable
 from convert.release.verify import verify_release
-from riffusion.console import add_version, quiet_third_party
+from riffusion.console import HelpFormatter, add_version, quiet_third_party
 
 
 def publish(folder: Path, repo_id: str, revision: str | None = None, private: bool = False,
@@ -56,6 +56,7 @@ def publish(folder: Path, repo_id: str, revision: str | None = None, private: bo
 def _upload(folder: Path, repo_id: str, revision: str | None, private: bool, names: list[str]) -> None:
     from huggingface_hub import HfApi, get_token
     from huggingface_hub.utils import HfHubHTTPError
+    from requests.exceptions import ConnectionError, Timeout
 
     token = get_token()
     if not token:
@@ -68,13 +69,15 @@ def _upload(folder: Path, repo_id: str, revision: str | None, private: bool, nam
         # only the manifest's files: a stray file in the folder is never sent
         api.upload_large_folder(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision,
                                 private=private, allow_patterns=names)
+    except (ConnectionError, Timeout) as error:  # OfflineModeIsEnabled (HF_HUB_OFFLINE=1) is one too
+        raise ConversionError(f"{repo_id}: {hub_unreachable(error)}; nothing uploaded") from None
     except HfHubHTTPError as error:
         raise ConversionError(f"{repo_id}: Hub request failed: {str(error).splitlines()[0]}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m convert.publish", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     add_version(parser)
     parser.add_argument("--folder", required=True, type=Path, help="a release folder (python -m convert --release)")
     parser.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub")

@@ -16,7 +16,7 @@ from convert.errors import ConversionError
 from riffusion.errors import InputError
 from riffusion.files import is_present, model_root, plain_file
 from convert.release.manifest import check_files, read_manifest
-from riffusion.console import add_version, quiet_third_party
+from riffusion.console import HelpFormatter, add_version, quiet_third_party
 
 
 def verify_release(folder: Path, torch_src: str | None = None, quiet: bool = False) -> dict:
@@ -109,7 +109,7 @@ def _say(quiet: bool, text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m convert.verify", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     add_version(parser)
     parser.add_argument("folder", type=Path, help="a release folder (python -m convert --release), e.g. a Hub download")
     parser.add_argument("--torch", help="the torch source (Hub id or diffusers folder): also re-run parity against it")

@@ -1,0 +1,60 @@
+"""The UNet's static program of a library exported once, on first use, and reused: Paddle's dynamic mode
+is about 20x slower than Paddle Inference on CPU, and the UNet runs at every denoising step (the text
+encoder and the VAE run once per image, so exporting them would cost more time than it saves here).
+
+The cache lives in $RIFFUSION_PADDLE_CACHE, else $XDG_CACHE_HOME/riffusion-paddle, else
+~/.cache/riffusion-paddle, one folder per library state: the key hashes the library's real path and the
+size and modification time of every file in it, with the riffusion-paddle and Paddle versions, so that a
+changed library or tool exports again instead of running stale programs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+
+FOLDER = "exports"
+
+
+def cache_root() -> Path:
+    explicit = os.environ.get("RIFFUSION_PADDLE_CACHE")
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "riffusion-paddle"
+
+
+def library_key(library: Path) -> str:
+    library = Path(library).resolve()
+    state = [str(library)] + [_version(name) for name in ("riffusion-paddle", "paddlepaddle", "paddlepaddle-gpu")]
+    for path in sorted(library.rglob("*")):
+        if path.is_file():
+            stat = path.stat()
+            state.append(f"{path.relative_to(library).as_posix()}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(state).encode()).hexdigest()[:24]
+
+
+def cached_export(library: Path, quiet: bool = False) -> Path:
+    """The folder of `library`'s static UNet program (Paddle Inference), exported now when not cached
+    yet. Raises ExportError like python -m export."""
+    from export.exporter import REPORT_NAME, export_library
+
+    folder = cache_root() / FOLDER / f"{Path(library).resolve().name}-{library_key(library)}"
+    if (folder / REPORT_NAME).is_file():
+        return folder
+    if not quiet:
+        print(f"{library}: no exported programs; exporting its UNet's static program once (minutes for a "
+              f"full-size model), cached in {folder}", file=sys.stderr, flush=True)
+    export_library(library, folder, components=("unet",), onnx=False, quiet=quiet)
+    return folder
+
+
+def _version(name: str) -> str:
+    try:
+        return f"{name}={version(name)}"
+    except PackageNotFoundError:
+        return f"{name}=none"
