@@ -32,9 +32,11 @@ def parser() -> argparse.ArgumentParser:
     release.add_argument("--release", action="store_true", help="also write the compiled single file, the static and "
                          "ONNX exports, the seed images, README.md (the model card) and manifest.json into --out")
     release.add_argument("--repo-id", help="the Hub repo the release will be published to (named in the model card)")
-    release.add_argument("--export-components", help="comma-separated subset of unet,text_encoder,vae_encoder,"
-                         "vae_decoder to export (default: all)")
-    release.add_argument("--no-onnx", action="store_true", help="static Paddle programs only, no model.onnx")
+    release.add_argument("--components", "--export-components", dest="export_components",
+                         help="comma-separated subset of unet,text_encoder,vae_encoder,vae_decoder to export "
+                              "(default: all)")
+    release.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=True,
+                         help="also write model.onnx per exported component (--no-onnx: static Paddle programs only)")
     return p
 
 
@@ -79,7 +81,7 @@ def _release(args) -> int:
         manifest = build_release(args.src, args.out, revision=args.revision, repo_id=args.repo_id, dtype=args.dtype,
                                  overwrite=args.overwrite, quiet=args.quiet, check=not args.no_check,
                                  config=args.config, ema=args.ema, components=parse_components(args.export_components),
-                                 onnx=not args.no_onnx)
+                                 onnx=args.onnx)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

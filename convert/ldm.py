@@ -1,6 +1,8 @@
 """Tensor names of the original Stable Diffusion (LDM) single-file checkpoint, from the configs.
 
-The block numbering follows how the original code builds the model (FACTS.md section 3), so the
+The block numbering follows how the original code builds the model (ldm's openaimodel.py numbers
+input_blocks in the order it appends them: for n layers per level, block j of level i is
+input_blocks.{(n+1)i+j+1}, each level's downsampler the next number), so the
 tables below are generated for any depth, not written out for SD1 only. Each table maps a diffusers
 block prefix to (LDM block prefix, renames of the sub-layers inside that block).
 """

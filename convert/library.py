@@ -168,9 +168,16 @@ def convert_library(src: str, out: Path, dtype: str = "float32", overwrite: bool
             config_path = folder / name / part.config_file
             if single is None:
                 files, tensors = folder_tensors(part_folder(folder / name, root), part, root)
-            else:
-                files, tensors = [single.file], single.tensors(name, read_json(config_path, root))
-            plans.append(plan_part(name, part, config_path, files, tensors, root))
+                plans.append(plan_part(name, part, config_path, files, tensors, root))
+                continue
+            try:
+                plans.append(plan_part(name, part, config_path, [single.file],
+                                       single.tensors(name, read_json(config_path, root)), root))
+            except ConversionError as error:
+                if config:
+                    raise
+                raise ConversionError(f"{error}; the built-in SD v1 configs do not fit this checkpoint: pass --config "
+                                      f"with the diffusers folder or Hub id it was made from") from None
         report = {
             "source": str(src),
             "source_folder": str(folder) if single is None else None,

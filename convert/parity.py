@@ -384,9 +384,11 @@ def main(argv: list[str] | None = None) -> int:
                                      "library: exit status 1 when any check fails",
                                      formatter_class=HelpFormatter)
     add_version(parser)
-    parser.add_argument("--torch", required=True, help="the torch source: Hub id or diffusers folder")
-    parser.add_argument("--paddle", required=True, type=Path, help="the converted ppdiffusers library")
-    parser.add_argument("--exported", type=Path, help="an export of the library (python -m export): also compare its "
+    parser.add_argument("--src", "--torch", dest="torch", required=True,
+                        help="the torch source: Hub id or diffusers folder")
+    parser.add_argument("--library", "--paddle", dest="paddle", required=True, type=Path,
+                        help="the converted ppdiffusers library")
+    parser.add_argument("--export", "--exported", dest="exported", type=Path, help="an export of the library (python -m export): also compare its "
                         "static and ONNX programs with torch")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--steps", type=int, default=3, help="denoising steps of the end-to-end run")

@@ -19,12 +19,14 @@ def parser() -> argparse.ArgumentParser:
                     "(OUT/<component>/model.onnx). Batch, height and width stay dynamic. Every export is checked "
                     "against the dynamic model in Paddle Inference (oneDNN) and onnxruntime before OUT is written.")
     add_version(p)
-    p.add_argument("--model", required=True, type=Path, help="a converted ppdiffusers library (python -m convert --out)")
+    p.add_argument("--library", "--model", dest="model", required=True, type=Path,
+                   help="a converted ppdiffusers library (python -m convert --out)")
     p.add_argument("--out", required=True, type=Path, help="folder to write the exports into")
-    p.add_argument("--components", default=",".join(COMPONENTS),
-                   help=f"comma-separated subset of {','.join(COMPONENTS)} (default: all)")
-    p.add_argument("--onnx", action="store_true", help="also write model.onnx per component (paddle2onnx; weights as "
-                   "external data model.onnx.data when over 2 GB) and validate it in onnxruntime")
+    p.add_argument("--components", "--export-components", dest="components", default=",".join(COMPONENTS),
+                   help=f"comma-separated subset of {','.join(COMPONENTS)}")
+    p.add_argument("--onnx", action=argparse.BooleanOptionalAction, default=False,
+                   help="also write model.onnx per component (paddle2onnx; weights as external data model.onnx.data "
+                        "when over 2 GB) and validate it in onnxruntime")
     p.add_argument("--height", type=int, help="image height in pixels to validate at (a multiple of 8; default 128). "
                    "The export itself works at every size")
     p.add_argument("--width", type=int, help="image width in pixels to validate at (a multiple of 8; default 128)")

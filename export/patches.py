@@ -1,7 +1,7 @@
 """What tracing needs: export wrappers around the ppdiffusers models, and the layer swaps made while tracing.
 
 The dynamic models cannot be traced as they are with dynamic batch, height and width
-(FACTS.md section 4):
+(found tracing ppdiffusers 0.29 on Paddle 3.3):
 
 - `UNet2DConditionModel.forward` decides in Python whether to pass explicit upsampling sizes
   (`if any(s % default_overall_up_factor != 0 ...)`), which needs concrete sizes. `UNetForExport`

@@ -1,6 +1,6 @@
 """Riffusion on ppdiffusers: text to spectrogram image, and interpolation between two prompts/seeds.
 
-Interpolation follows riffusion-hobby's pipeline (FACTS.md section 5): the text embeddings, guidance
+Interpolation follows riffusion-hobby's pipeline (riffusion/riffusion_pipeline.py there): the text embeddings, guidance
 and denoising strength are lerped at `alpha`, the two seeds' noises slerped, and the result denoised
 img2img from a seed image, optionally keeping the part a mask image marks black.
 """

@@ -175,11 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m riffusion.server", description="riffusion-app's inference server on Paddle",
                                      formatter_class=HelpFormatter)
     add_version(parser)
-    parser.add_argument("--checkpoint", required=True, help="a ppdiffusers library made by `python -m convert` "
+    parser.add_argument("--library", "--checkpoint", dest="checkpoint", required=True, help="a ppdiffusers library made by `python -m convert` "
                         "(a release folder brings its own export/ and seed_images/)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=3013)
-    parser.add_argument("--export", help="a folder made by python -m export: run its static or ONNX programs")
+    parser.add_argument("--export", "--exported", dest="export", help="a folder made by python -m export: run its static or ONNX programs")
     parser.add_argument("--runtime", choices=("dynamic", "static", "onnx"),
                         help="default: the fastest the export holds (onnx, else static), dynamic without --export")
     parser.add_argument("--lora", help="a LoRA run folder (python -m riffusion.train) or converted LoRA, merged in "

@@ -73,6 +73,9 @@ def run_child(command: list[str], env: dict | None = None) -> tuple[int, float, 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    for name in ("model", "torch", "export", "json", "inputs", "output"):  # the children run in the checkout's root
+        if getattr(args, name) is not None:
+            setattr(args, name, getattr(args, name).absolute())
     if args.worker:
         return worker(args)
     backends = [name.strip() for name in args.backends.split(",") if name.strip()]

@@ -72,3 +72,38 @@ def test_text_to_audio_prints_no_third_party_noise(paddle_library, tmp_path):
                  "--steps", 1, "--width", 64)
     assert result.returncode == 0, result.stderr[-2000:]
     assert [noise for noise in NOISE if noise in result.stdout + result.stderr] == []
+
+
+# One vocabulary: --src a torch source, --library a converted library, --export an export folder,
+# --components what to export, --onnx/--no-onnx both ways; the old spellings stay as aliases.
+SPELLINGS = {
+    "convert": ["--src SRC", "--components EXPORT_COMPONENTS, --export-components", "--onnx, --no-onnx"],
+    "export": ["--library MODEL, --model MODEL", "--components COMPONENTS, --export-components", "--onnx, --no-onnx"],
+    "convert.parity": ["--src TORCH, --torch TORCH", "--library PADDLE, --paddle PADDLE", "--export EXPORTED, --exported"],
+    "convert.verify": ["--src TORCH, --torch TORCH"],
+    "riffusion.server": ["--library CHECKPOINT, --checkpoint CHECKPOINT", "--export EXPORT, --exported EXPORT"],
+}
+
+
+@pytest.mark.parametrize("command", sorted(SPELLINGS))
+def test_one_vocabulary_with_the_old_spellings_kept(command):
+    result = run("-m", command, "--help")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    for spelling in SPELLINGS[command]:
+        assert spelling in text, spelling
+
+
+def test_old_and_new_spellings_parse_alike():
+    from convert.cli import parser as convert_parser
+    from export.cli import parser as export_parser
+    from riffusion.cli import parser as riffusion_parser
+
+    assert vars(convert_parser().parse_args(["--src", "a", "--out", "b", "--export-components", "unet", "--no-onnx"])) == \
+        vars(convert_parser().parse_args(["--src", "a", "--out", "b", "--components", "unet", "--no-onnx"]))
+    assert export_parser().parse_args(["--model", "a", "--out", "b"]).model == \
+        export_parser().parse_args(["--library", "a", "--out", "b"]).model
+    assert export_parser().parse_args(["--library", "a", "--out", "b", "--onnx"]).onnx is True
+    old = riffusion_parser().parse_args(["text-to-audio", "x", "o.wav", "--checkpoint", "L", "--export", "E"])
+    new = riffusion_parser().parse_args(["text-to-audio", "x", "o.wav", "--library", "L", "--exported", "E"])
+    assert (old.checkpoint, old.export) == (new.checkpoint, new.export)

@@ -60,10 +60,13 @@ def test_manifest_lists_every_file_with_its_hash(release, manifest):
         assert entry == {"sha256": sha256(path), "bytes": path.stat().st_size}, name
 
 
-def test_manifest_names_the_source_and_versions(torch_repo, manifest):
+def test_manifest_names_the_source_and_versions(torch_repo, release, manifest):
     source = manifest["source"]
     assert source["kind"] == "folder" and source["name"] == torch_repo.name
     assert str(torch_repo.parent) not in json.dumps(manifest)  # no path of this machine is published
+    for report in ("conversion_report.json", "export/export_report.json"):
+        text = (release / report).read_text()
+        assert str(torch_repo.parent) not in text and str(release.parent) not in text, report
     unet = "unet/diffusion_pytorch_model.bin"
     assert source["weights"][unet]["sha256"] == sha256(torch_repo / unet)
     assert set(source["weights"]) == {unet, "vae/diffusion_pytorch_model.bin", "text_encoder/pytorch_model.bin",

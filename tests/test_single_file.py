@@ -145,6 +145,8 @@ def test_builtin_configs_are_checked_against_the_tensor_shapes(single_file, tmp_
     error = single_file_fails(["--src", str(single_file)], tmp_path, capsys)
     assert ("tensor 'model.diffusion_model.input_blocks.0.0.bias': shape [32] disagrees with unet/config.json, "
             "which gives conv_in.bias shape [320]") in error
+    assert error.endswith("the built-in SD v1 configs do not fit this checkpoint: pass --config with the diffusers "
+                          "folder or Hub id it was made from")  # the way out, named
 
 
 @pytest.mark.parametrize("key, what", [("cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight", "Stable Diffusion 2.x"),

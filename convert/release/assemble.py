@@ -82,6 +82,8 @@ def build_release(src: str, out: Path, *, revision: str | None = None, repo_id: 
 
             library_parity = required_parity(str(source_folder), staging, work / EXPORT_FOLDER, show=not quiet)
 
+        _without_local_paths(staging / "conversion_report.json", work / EXPORT_FOLDER / "export_report.json",
+                             source_folder or Path(src).parent, staging)
         for path in (single, single.with_suffix(".yaml"), work / EXPORT_FOLDER):
             path.rename(staging / path.name)
         seed_library = _copy_seed_images(source_folder, staging / SEED_FOLDER)
@@ -211,6 +213,29 @@ def export_checks(export_report: dict) -> list[dict]:
                 "detail": "worst of " + "; ".join(run["where"] for run in runs),
             })
     return checks
+
+
+def _without_local_paths(conversion_report: Path, export_report: Path, source: Path, library: Path) -> None:
+    """The reports go out with the release: their paths on this machine become paths inside the source
+    (or the release), as the manifest names them."""
+    source, library = Path(source).resolve(), Path(library).resolve()
+
+    def relative(value):
+        if isinstance(value, dict):
+            return {key: relative(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [relative(item) for item in value]
+        if isinstance(value, str) and Path(value).is_absolute():
+            path = Path(value).resolve()
+            for root, name in ((library, "."), (source, source.name)):
+                if path == root or root in path.parents:
+                    return (Path(name) / path.relative_to(root)).as_posix()
+            return path.name
+        return value
+
+    for path in (conversion_report, export_report):
+        data = json.loads(path.read_text(encoding="utf-8"))
+        path.write_text(json.dumps(relative(data), indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _copy_seed_images(source: Path | None, folder: Path) -> dict:

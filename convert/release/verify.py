@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=HelpFormatter)
     add_version(parser)
     parser.add_argument("folder", type=Path, help="a release folder (python -m convert --release), e.g. a Hub download")
-    parser.add_argument("--torch", help="the torch source (Hub id or diffusers folder): also re-run parity against it")
+    parser.add_argument("--src", "--torch", dest="torch", help="the torch source (Hub id or diffusers folder): also re-run parity against it")
     parser.add_argument("--json", type=Path, help="also write the verdict here")
     parser.add_argument("--quiet", action="store_true", help="print the verdict only")
     args = parser.parse_args(argv)
