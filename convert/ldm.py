@@ -219,3 +219,43 @@ def original_config(unet: dict, vae: dict, scheduler: dict) -> dict:
             "cond_stage_config": {"target": "ldm.modules.encoders.modules.FrozenCLIPEmbedder"},
         },
     }}
+
+
+def configs_from_original(data: dict) -> tuple[dict, dict, dict]:
+    """The diffusers config keys (unet, vae, scheduler) an original config fixes: the inverse of
+    `original_config`."""
+    params = data["model"]["params"]
+    unet = params["unet_config"]["params"]
+    levels = [unet["model_channels"] * mult for mult in unet["channel_mult"]]
+    attention = [2**level in unet["attention_resolutions"] for level in range(len(levels))]
+    down = ["CrossAttnDownBlock2D" if on else "DownBlock2D" for on in attention]
+    vae = params["first_stage_config"]["params"]["ddconfig"]
+    return (
+        {"sample_size": unet["image_size"], "in_channels": unet["in_channels"], "out_channels": unet["out_channels"],
+         "block_out_channels": levels, "layers_per_block": unet["num_res_blocks"],
+         "attention_head_dim": unet["num_heads"], "cross_attention_dim": unet["context_dim"],
+         "down_block_types": down, "up_block_types": [kind.replace("Down", "Up") for kind in reversed(down)]},
+        {"block_out_channels": [vae["ch"] * mult for mult in vae["ch_mult"]], "layers_per_block": vae["num_res_blocks"],
+         "latent_channels": vae["z_channels"], "in_channels": vae["in_channels"], "out_channels": vae["out_ch"],
+         "down_block_types": ["DownEncoderBlock2D"] * len(vae["ch_mult"]),
+         "up_block_types": ["UpDecoderBlock2D"] * len(vae["ch_mult"])},
+        {"beta_start": params["linear_start"], "beta_end": params["linear_end"],
+         "num_train_timesteps": params["timesteps"]},
+    )
+
+
+CLIP_HEAD_SIZE = 64  # every CLIP text encoder (ViT-B and ViT-L) splits its width into heads of 64
+
+
+def text_config_from_shapes(file) -> dict:
+    """The CLIP text encoder's sizes read off its tensors; the head count is width / 64, CLIP's head size."""
+    shapes = {name.removeprefix(TEXT_PREFIX).removeprefix("text_model."): shape for name, shape in file.shapes.items()
+              if name.startswith(TEXT_PREFIX)}
+    vocab, width = shapes["embeddings.token_embedding.weight"]
+    layers = {int(name.split(".")[2]) for name in shapes if name.startswith("encoder.layers.")}
+    if width % CLIP_HEAD_SIZE:
+        raise ConversionError(f"{file.path}: a {width}-wide text encoder is not a CLIP one (heads of "
+                              f"{CLIP_HEAD_SIZE}); pass --config with the diffusers folder or Hub id it was made from")
+    return {"vocab_size": vocab, "hidden_size": width, "num_attention_heads": width // CLIP_HEAD_SIZE,
+            "num_hidden_layers": len(layers), "intermediate_size": shapes["encoder.layers.0.mlp.fc1.weight"][0],
+            "max_position_embeddings": shapes["embeddings.position_embedding.weight"][0]}

@@ -151,7 +151,13 @@ def convert_library(src: str, out: Path, dtype: str = "float32", overwrite: bool
         single = None
         if Path(src).is_file():
             single = SingleFileSource(TensorFile(Path(src)), ema)
-            folder = resolve(config) if config else _builtin_configs(stack)
+            original = Path(src).with_suffix(".yaml")
+            if config:
+                folder = resolve(config)
+            elif original.is_file():  # written beside it by convert.single_file, as WebUI tools keep it
+                folder = _configs_from_original(stack, original, single)
+            else:
+                folder = _builtin_configs(stack)
         elif config or ema:
             raise ConversionError("--config and --ema apply to single-file sources only")
         else:
@@ -181,7 +187,8 @@ def convert_library(src: str, out: Path, dtype: str = "float32", overwrite: bool
         report = {
             "source": str(src),
             "source_folder": str(folder) if single is None else None,
-            "config_folder": str(config) if config else ("built-in SD v1" if single else None),
+            "config_folder": str(config) if config else (None if not single else f"{original.name} beside it"
+                                                         if original.is_file() else "built-in SD v1"),
             "pipeline": pipeline,
             "dtype": dtype,
             "converter": f"riffusion-paddle convert (ppdiffusers {configs.PPDIFFUSERS_VERSION})",
@@ -228,6 +235,27 @@ def _write_all(plans, folder, parts, staging, dtype, quiet, check, report, hashe
     if check is not None:
         check(staging, report)
     _write_json(staging / REPORT_NAME, report)
+
+
+def _configs_from_original(stack: contextlib.ExitStack, original: Path, single: SingleFileSource) -> Path:
+    """A config folder for a single file from its original LDM config (FILE.yaml): UNet, VAE and scheduler
+    from the YAML, the CLIP text encoder's sizes from its tensors (the YAML names only its class)."""
+    import yaml
+
+    from convert.ldm import configs_from_original, text_config_from_shapes
+
+    try:
+        data = yaml.safe_load(original.read_text(encoding="utf-8"))
+        unet, vae, scheduler = configs_from_original(data)
+    except (yaml.YAMLError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ConversionError(f"{original}: not an original Stable Diffusion config ({type(error).__name__}: {error}); "
+                              f"pass --config with the diffusers folder or Hub id the checkpoint was made from") from None
+    folder = _builtin_configs(stack)
+    for name, changes in (("unet/config.json", unet), ("vae/config.json", vae),
+                          ("scheduler/scheduler_config.json", scheduler),
+                          ("text_encoder/config.json", text_config_from_shapes(single.file))):
+        _write_json(folder / name, {**read_json(folder / name), **changes})
+    return folder
 
 
 def _builtin_configs(stack: contextlib.ExitStack) -> Path:

@@ -142,7 +142,9 @@ def single_file_fails(args, tmp_path, capsys, out_name="out"):
 
 
 def test_builtin_configs_are_checked_against_the_tensor_shapes(single_file, tmp_path, capsys):
-    error = single_file_fails(["--src", str(single_file)], tmp_path, capsys)
+    alone = tmp_path / single_file.name  # without the .yaml convert.single_file writes beside it
+    alone.write_bytes(single_file.read_bytes())
+    error = single_file_fails(["--src", str(alone)], tmp_path, capsys)
     assert ("tensor 'model.diffusion_model.input_blocks.0.0.bias': shape [32] disagrees with unet/config.json, "
             "which gives conv_in.bias shape [320]") in error
     assert error.endswith("the built-in SD v1 configs do not fit this checkpoint: pass --config with the diffusers "
@@ -177,3 +179,29 @@ def test_single_file_command_errors(torch_repo, single_file, tmp_path, capsys):
     assert single_file_main(["--src", str(broken), "--out", str(tmp_path / "y.safetensors")]) == 1
     assert capsys.readouterr().err.startswith("error: ")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
+
+
+def test_the_original_config_beside_a_single_file_is_read(tmp_path, monkeypatch):
+    """convert.single_file writes FILE.yaml beside FILE; `convert --src FILE` reads it (no --config) and gives the
+    library that converting the diffusers repo gives. This tiny model's text encoder is 64 wide with one head
+    (CLIP's head size, which the YAML leaves to the reader); the UNet and VAE sizes come from the YAML."""
+    import convert.builtin as builtin
+
+    sizes = {**builtin.SIZES["tiny"], "text": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=1,
+                                                    intermediate_size=128)}
+    sizes["unet"] = {**sizes["unet"], "cross_attention_dim": 64}
+    monkeypatch.setitem(builtin.SIZES, "tiny-clip64", sizes)
+    repo = builtin.build(tmp_path / "repo", "tiny-clip64")
+    direct, back, single = tmp_path / "direct", tmp_path / "back", tmp_path / "model.safetensors"
+    assert convert_main(["--src", str(repo), "--out", str(direct), "--no-check", "--quiet"]) == 0
+    assert single_file_main(["--src", str(repo), "--out", str(single), "--quiet"]) == 0
+    assert single.with_suffix(".yaml").is_file()
+    assert convert_main(["--src", str(single), "--out", str(back), "--quiet"]) == 0
+    assert_same_library(back, direct)
+    for part, keys in (("unet", ("block_out_channels", "cross_attention_dim", "attention_head_dim", "sample_size",
+                                 "down_block_types", "up_block_types", "layers_per_block")),
+                       ("vae", ("block_out_channels", "latent_channels", "layers_per_block")),
+                       ("text_encoder", ("hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size"))):
+        expected, found = (json.loads((folder / part / "config.json").read_text()) for folder in (direct, back))
+        assert {key: found[key] for key in keys} == {key: expected[key] for key in keys}, part
+    assert json.loads((back / "conversion_report.json").read_text())["config_folder"] == "model.yaml beside it"
