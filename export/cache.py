@@ -38,6 +38,25 @@ def library_key(library: Path) -> str:
     return hashlib.sha256("\n".join(state).encode()).hexdigest()[:24]
 
 
+def export_for(library: Path, exported: Path | None = None, runtime: str | None = None, quiet: bool = False) -> Path | None:
+    """The export folder a command runs `library` with: `exported` when given, else a release's own
+    export/, else (unless `runtime` is "dynamic") the cached static UNet. ExportError for runtime "onnx"
+    without ONNX programs: it would otherwise quietly run something else."""
+    from export.errors import ExportError
+    from export.runtime import ONNX_MODEL
+    from riffusion.layout import EXPORT_FOLDER
+
+    library = Path(library)
+    if exported is None and (library / EXPORT_FOLDER / "unet").is_dir():
+        exported = library / EXPORT_FOLDER
+    if runtime == "onnx" and not (exported is not None and (Path(exported) / "unet" / ONNX_MODEL).is_file()):
+        raise ExportError(f"--runtime onnx: no ONNX programs {f'in {exported}' if exported else 'given'}; export "
+                          f"them with python -m export --onnx and pass --export FOLDER (or choose --runtime static)")
+    if exported is None and runtime != "dynamic":
+        exported = cached_export(library, quiet)
+    return exported
+
+
 def cached_export(library: Path, quiet: bool = False) -> Path:
     """The folder of `library`'s static UNet program (Paddle Inference), exported now when not cached
     yet. Raises ExportError like python -m export."""

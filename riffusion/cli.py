@@ -41,23 +41,13 @@ def _pipeline(args):
         raise CommandError(f"{args.checkpoint}: not a converted library (no model_index.json); make one with python -m convert")
     if args.export is not None and not args.export.is_dir():
         raise CommandError(f"{args.export}: no such export folder; make one with python -m export")
-    from export.cache import cached_export
-    from export.runtime import ONNX_MODEL
-    from riffusion.layout import EXPORT_FOLDER
+    from export.cache import export_for
+    from riffusion.errors import InputError
     from riffusion.pipeline import RiffusionPipeline
 
-    from riffusion.errors import InputError
-
     runtime = args.runtime or ("dynamic" if args.lora else None)  # a LoRA is fused into the dynamic models only
-    exported = args.export
-    if exported is None and (args.checkpoint / EXPORT_FOLDER / "unet").is_dir():
-        exported = args.checkpoint / EXPORT_FOLDER  # a release folder brings its own
-    if runtime == "onnx" and not (exported is not None and (exported / "unet" / ONNX_MODEL).is_file()):
-        raise CommandError(f"--runtime onnx: no ONNX programs {f'in {exported}' if exported else 'given'}; export "
-                           f"them with python -m export --onnx and pass --export FOLDER (or choose --runtime static)")
-    if exported is None and runtime != "dynamic":
-        exported = cached_export(args.checkpoint)
     try:
+        exported = export_for(args.checkpoint, args.export, runtime)
         pipeline = RiffusionPipeline.from_pretrained(args.checkpoint, progress=True, exported=exported, runtime=runtime,
                                                      lora=args.lora, lora_scale=args.lora_scale)
     except InputError as error:
