@@ -1,7 +1,7 @@
 """LoRA on ppdiffusers without its PEFT backend: add trainable adapters, save them in ppdiffusers' own
 LoRA file layout, and apply a saved file to a pipeline.
 
-Why this route (FACTS.md section 7): ppdiffusers 0.29's PEFT layer fails on Paddle 3.3.1 and paddlenlp's
+Why this route (tried on Paddle 3.3.1 and ppdiffusers 0.29): ppdiffusers 0.29's PEFT layer fails on Paddle 3.3.1 and paddlenlp's
 LoRAModel refuses a ppdiffusers UNet; the UNet's `LoRACompatibleLinear` / `LoRACompatibleConv` layers with
 `set_lora_layer` train and load fine. ppdiffusers' own text-encoder LoRA loading and `pipe.fuse_lora` call
 `deprecate(..., "0.25")`, which raises on ppdiffusers >= 0.25, so the text encoder is patched here with

@@ -367,7 +367,7 @@ def train(config: TrainConfig, run: Path, resume: bool = False, overwrite: bool 
 
     world = int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
     if world > 1:
-        os.environ.setdefault("PADDLE_DISTRI_BACKEND", "gloo")  # Paddle's CPU collective (FACTS.md section 7)
+        os.environ.setdefault("PADDLE_DISTRI_BACKEND", "gloo")  # Paddle's CPU collective (NCCL needs GPUs)
         dist.init_parallel_env()
     rank = dist.get_rank() if world > 1 else 0
     main = rank == 0
