@@ -68,9 +68,11 @@ def stop(server):
 
 
 @pytest.fixture(scope="module")
-def url(pipeline):
-    """The server with the real seed image library (512x512: a full 5.12 s clip)."""
-    server = serve(pipeline, seed_images.FOLDER)
+def url(paddle_library, exported):
+    """The server with the real seed image library (512x512: a full 5.12 s clip), on the static
+    programs (the dynamic tiny VAE takes minutes at this size on a busy CPU)."""
+    server = serve(RiffusionPipeline.from_pretrained(paddle_library, exported=exported[0], runtime="static"),
+                   seed_images.FOLDER)
     yield f"http://127.0.0.1:{server.server_port}"
     stop(server)
 
