@@ -3,9 +3,9 @@ serve_config.yaml, a bounded load test with one model replica killed mid-load.
 
     flock /tmp/heavy.lock python scripts/cluster_check.py [--requests 40] [--clients 8]
 
-Head and worker are two `ray start` nodes (own temp dirs, own `node_a` / `node_b` resources, 1.5 CPUs
-each: one model replica per node). Every answer is checked (status, JSON, a JPEG of the seed's size, MP3
-audio of the right length, the step count); a 503 must be JSON with Retry-After, and its client retries
+Head and worker are two `ray start` nodes (own temp dirs, own `node_a` / `node_b` resources, 2 CPUs
+each); `max_replicas_per_node: 1` puts one model replica on each. Every answer is checked (status,
+JSON, a JPEG of the seed's size, MP3 audio of the right length, the step count); a 503 must be JSON with Retry-After, and its client retries
 once after it. Passes when no request hangs or is lost, every answer is correct or a clear 503, and the
 killed replica comes back (a new actor, answering). Every process it started is stopped, and its temp
 dirs removed, whatever happens. Exit status 0 on pass.
@@ -18,6 +18,7 @@ import base64
 import io
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -52,7 +53,7 @@ class Cluster:
 
     def start_node(self, name: str, head: bool) -> None:
         temp = self.root / name
-        command = [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1.5",
+        command = [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=2",
                    f"--resources={json.dumps({name: 1})}", f"--temp-dir={temp}", "--disable-usage-stats"]
         if head:
             command += [f"--port={self.gcs_port}", "--head", "--include-dashboard=true",
@@ -120,15 +121,15 @@ def narrow_seeds(root: Path) -> Path:
 
 
 def write_config(root: Path, library: Path, seeds: Path, port: int) -> Path:
-    """The packaged serve_config.yaml with this cluster's paths and port, 2 replicas of 1 CPU."""
+    """The packaged serve_config.yaml with this cluster's paths and port, 2 replicas of 1 CPU, one per node."""
     config = yaml.safe_load(files("riffusion").joinpath("serve_config.yaml").read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": port}
     application = config["applications"][0]
     application["args"].update(checkpoint=str(library), seed_images=str(seeds), max_steps=4, request_timeout_s=120)
     for deployment in application["deployments"]:
         if deployment["name"] == "RiffusionModel":
-            deployment.update(num_replicas=2, max_ongoing_requests=8, max_queued_requests=8,
-                              ray_actor_options={"num_cpus": 1, "num_gpus": 0})
+            deployment.update(num_replicas=2, max_replicas_per_node=1, max_ongoing_requests=8,
+                              max_queued_requests=8, ray_actor_options={"num_cpus": 1, "num_gpus": 0})
     path = root / "serve_config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -214,6 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=8)
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="rc-", dir="/tmp"))  # short: Ray's socket paths live under it
+    # This cluster's own auth token, for its nodes, this driver and the serve CLI (Ray's default token in
+    # ~/.ray may belong to another cluster)
+    token = root / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
     cluster = Cluster(root)
     failures: list[str] = []
     try:
