@@ -43,8 +43,8 @@ DEFAULT_MAX_BATCH_SIZE = 4
 DEFAULT_BATCH_WAIT_S = 0.05
 DEFAULT_REQUEST_TIMEOUT_S = 300.0
 DEFAULT_MAX_QUEUED = 8  # per replica, beyond the batch being computed
-HEALTHY_AFTER_SUCCESS_S = 60.0  # a replica that answered this recently needs no probe
-PROBE_TIMEOUT_S = 20.0
+HEALTHY_AFTER_SUCCESS_S = 300.0  # a replica that answered this recently needs no probe
+PROBE_TIMEOUT_S = 60.0  # two full-size UNet steps on a busy CPU fit
 PROBE_STEPS = 2  # the fewest with a UNet call at full denoising (schedulers skip the first of one)
 
 
@@ -73,7 +73,10 @@ class RiffusionModel:
         self.pipeline = self.owner.submit(RiffusionPipeline.from_pretrained, checkpoint, exported=export,
                                           runtime=runtime).result()
         self.busy = 0  # requests inside this replica (waiting for a batch or in one)
-        self.last_success = 0.0
+        # A replica whose model cannot run fails here, before Serve sends it requests; the probe also
+        # warms the model up, so that Serve's first health check finds it healthy without running it.
+        self.owner.submit(self._probe).result()
+        self.last_success = time.monotonic()
 
     def reconfigure(self, config: dict) -> None:
         self.infer_batch.set_max_batch_size(int(config.get("max_batch_size", DEFAULT_MAX_BATCH_SIZE)))

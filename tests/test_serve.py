@@ -171,8 +171,9 @@ def test_failures_are_json_errors_with_cors(narrow_seeds):
 
 
 def test_health_check_fails_when_the_model_cannot_run(paddle_library, narrow_seeds):
-    model = RiffusionModel.func_or_class(str(paddle_library), seed_images=str(narrow_seeds))
-    asyncio.run(model.check_health())  # a probe step runs and passes
+    model = RiffusionModel.func_or_class(str(paddle_library), seed_images=str(narrow_seeds))  # probes once
+    model.last_success = 0.0
+    asyncio.run(model.check_health())  # idle for long: the probe runs again, and passes
 
     class Broken:
         config = model.pipeline.pipe.unet.config
