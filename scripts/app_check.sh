@@ -187,6 +187,7 @@ for reason in summary["failures"][:5]:
     print(f"                         - {reason}")
 print(f"""  results played:        {summary['results_played']}
   page errors:           {len(summary['page_errors'])}{''.join(chr(10) + ' ' * 25 + '- ' + e[:200] for e in summary['page_errors'][:5])}
+  console errors:        {len(summary['console_errors'])}{''.join(chr(10) + ' ' * 25 + '- ' + e[:200] for e in summary['console_errors'][:3])}
   our server:            {len(codes)} POSTs logged (2 of them the warm-up) ({', '.join(f'{codes.count(c)} x {c}' for c in sorted(set(codes)))}), {tracebacks} tracebacks
   time:                  {browse_s} s in the browser, {total_s} s in all
   screenshot:            {screenshot}

@@ -21,6 +21,7 @@ const requestLog = fs.createWriteStream(env("REQUEST_LOG"));
 const responses = []; // in the order they came back: {ok, reason, s}
 const played = new Set();
 const pageErrors = [];
+const consoleErrors = [];
 let lastActivity = Date.now();
 
 function record(ok, reason, extra) {
@@ -42,7 +43,10 @@ function sent(request) {
 }
 
 async function onResponse(response) {
-  if (!response.url().endsWith("/api/server")) return;
+  if (!response.url().endsWith("/api/server")) {
+    if (response.status() >= 400) console.log(`[${seconds().toFixed(1)} s] HTTP ${response.status()}: ${response.url()}`);
+    return;
+  }
   const request = sent(response.request());
   let text = "";
   try {
@@ -84,6 +88,10 @@ async function onResponse(response) {
     if (request.url().endsWith("/api/server")) lastActivity = Date.now();
   });
   page.on("console", (message) => {
+    if (message.type() === "error") {
+      consoleErrors.push(message.text());
+      console.log(`[${seconds().toFixed(1)} s] console error: ${message.text().slice(0, 300)}`);
+    }
     const match = /^Now playing result\s+(\d+)/.exec(message.text());
     if (match) {
       played.add(Number(match[1]));
@@ -97,7 +105,11 @@ async function onResponse(response) {
   page.on("dialog", (dialog) => dialog.accept()); // "Are you still riffing?" after 600 s of one prompt
 
   await page.goto(appUrl, { waitUntil: "load", timeout: 120000 });
-  await page.getByTitle("Pause").click(); // the app starts paused; a click is the user gesture audio needs
+  try {
+    await page.getByTitle("Pause").click({ timeout: 60000 }); // the app starts paused; a click is the user gesture audio needs
+  } catch (error) {
+    pageErrors.push(`could not press play: ${error.message.split("\n")[0]}`);
+  }
   let stopped = "";
   while (!stopped) {
     await page.waitForTimeout(1000);
@@ -106,6 +118,8 @@ async function onResponse(response) {
     else if ((Date.now() - lastActivity) / 1000 > stallS) stopped = `no /api/server activity for ${stallS} s`;
   }
   await page.screenshot({ path: env("SCREENSHOT") });
+  // Next's page when a render threw: the app is gone until reloaded
+  if (await page.getByText("Application error").count()) pageErrors.push("the app shows Next's 'Application error' page");
   const firstFailure = responses.findIndex((r) => !r.ok);
   const summary = {
     stopped,
@@ -116,6 +130,7 @@ async function onResponse(response) {
     failures: responses.filter((r) => !r.ok).map((r) => r.reason),
     results_played: played.size,
     page_errors: pageErrors,
+    console_errors: consoleErrors,
   };
   fs.writeFileSync(env("SUMMARY_JSON"), JSON.stringify(summary, null, 1));
   await context.close();
