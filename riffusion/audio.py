@@ -16,7 +16,12 @@ from scipy import ndimage, signal
 
 from riffusion.image import image_from_spectrogram, params_from_image, spectrogram_from_image
 from riffusion.params import SpectrogramParams
-from riffusion.spectrogram import audio_from_spectrogram, spectrogram_from_audio
+from riffusion.spectrogram import audio_from_spectrogram, check_decodable, spectrogram_from_audio
+
+# Input audio: the sample rates accepted, and the longest audio turned into a spectrogram (10 minutes
+# take about 1 GB: the input, the 60001-column spectrogram and its image).
+INPUT_SAMPLE_RATES = (1000, 384000)
+MAX_AUDIO_SECONDS = 600
 
 
 def audio_to_image(audio: np.ndarray, sample_rate: int, params: SpectrogramParams = SpectrogramParams()) -> Image.Image:
@@ -38,6 +43,7 @@ def image_to_audio(image: Image.Image, params: SpectrogramParams | None = None,
     (normalize_loudness), as riffusion-hobby's audio filters do; False gives the spectrogram's own level.
     """
     params = params or params_from_image(image) or SpectrogramParams()
+    check_decodable(image.width, params)
     audio = audio_from_spectrogram(spectrogram_from_image(image, params), params, exact=exact)
     if normalize:
         audio = normalize_loudness(audio, params.sample_rate)
@@ -115,6 +121,7 @@ def conform(audio: np.ndarray, sample_rate: int, params: SpectrogramParams) -> n
     audio = np.asarray(audio, dtype=np.float32)
     if audio.ndim == 1:
         audio = audio[None]
+    check_input(audio.shape[-1], sample_rate)
     if audio.shape[0] != params.num_channels:
         audio = np.broadcast_to(audio.mean(axis=0, keepdims=True), (params.num_channels, audio.shape[1]))
     return resample(audio, sample_rate, params.sample_rate)
@@ -128,10 +135,27 @@ def resample(audio: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
     return signal.resample_poly(audio, to_rate // common, from_rate // common, axis=-1).astype(np.float32)
 
 
-def read_audio(file) -> tuple[np.ndarray, int]:
-    """(audio [channels, samples] float32, sample_rate) from a path or file object."""
-    data, sample_rate = soundfile.read(file, dtype="float32", always_2d=True)
-    return np.ascontiguousarray(data.T), sample_rate
+def check_input(samples: int, sample_rate: int) -> None:
+    """ValueError unless the sample rate is in INPUT_SAMPLE_RATES and the audio at most MAX_AUDIO_SECONDS."""
+    low, high = INPUT_SAMPLE_RATES
+    if not low <= sample_rate <= high:
+        raise ValueError(f"sample rate {sample_rate} Hz is outside {low}..{high} Hz")
+    if samples > MAX_AUDIO_SECONDS * sample_rate:
+        raise ValueError(f"audio is {samples / sample_rate:.0f} s long: at most {MAX_AUDIO_SECONDS} s is turned "
+                         f"into a spectrogram")
+
+
+def read_audio(file, seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """(audio [channels, samples] float32, sample_rate) from a path or file object.
+
+    seconds: read only that much from the start. Otherwise the file's header is checked before its
+    samples are read: at most MAX_AUDIO_SECONDS, a sample rate in INPUT_SAMPLE_RATES.
+    """
+    with soundfile.SoundFile(file) as sound:
+        frames = sound.frames if seconds is None else min(sound.frames, int(round(seconds * sound.samplerate)))
+        check_input(frames, sound.samplerate)
+        data = sound.read(frames, dtype="float32", always_2d=True)
+    return np.ascontiguousarray(data.T), sound.samplerate
 
 
 # What a decoded MP3 may peak at. MP3 encoding overshoots the input's peaks (audio peaking at 0.99 came

@@ -14,6 +14,8 @@ from riffusion.params import ExifTag, SpectrogramParams
 
 # What riffusion-hobby assumes for images that carry no max value (the model's own outputs).
 DEFAULT_MAX_VALUE = 30e6
+# Far above any real one (full-scale 16-bit audio stays below 1e10) and far below float32's overflow.
+MAX_MAX_VALUE = 1e15
 
 
 def image_from_spectrogram(spectrogram: np.ndarray, params: SpectrogramParams) -> Image.Image:
@@ -56,7 +58,13 @@ def spectrogram_from_image(image: Image.Image, params: SpectrogramParams, max_va
     if image.height != params.num_frequencies:
         raise ValueError(f"image is {image.height} rows high, params expect {params.num_frequencies}")
     if max_value is None:
-        max_value = float(image.getexif().get(ExifTag.MAX_VALUE, DEFAULT_MAX_VALUE))
+        max_value = image.getexif().get(ExifTag.MAX_VALUE, DEFAULT_MAX_VALUE)
+    try:
+        max_value = float(max_value)
+    except (TypeError, ValueError, ZeroDivisionError):
+        max_value = float("nan")
+    if not 0 < max_value <= MAX_MAX_VALUE:
+        raise ValueError(f"EXIF tag {int(ExifTag.MAX_VALUE)} (max_value) = {max_value} is outside (0, {MAX_MAX_VALUE:g}]")
     rgb = np.asarray(image.convert("RGB"))[::-1]
     pixels = rgb[..., [1, 2]] if params.stereo else rgb[..., :1]
     scaled = (255 - pixels.transpose(2, 0, 1).astype(np.float32)) / 255

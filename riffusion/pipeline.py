@@ -2,11 +2,13 @@
 
 Interpolation follows riffusion-hobby's pipeline (riffusion/riffusion_pipeline.py there): the text embeddings, guidance
 and denoising strength are lerped at `alpha`, the two seeds' noises slerped, and the result denoised
-img2img from a seed image, optionally keeping the part a mask image marks black.
+img2img from a seed image, optionally keeping the part a mask image marks black. Prompts may carry
+weights, "(caribbean:1.5) (jazz:0.3)", and run up to 3 x 75 tokens (riffusion.prompts).
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,6 +70,8 @@ class RiffusionPipeline:
         self.pipe = pipe
         self.progress = progress
         self.pipe.set_progress_bar_config(disable=not progress)
+        # The app steps alpha between the same prompts request after request: encode them once.
+        self._encoded = functools.lru_cache(maxsize=32)(self._encode)
 
     @classmethod
     def from_pretrained(cls, checkpoint: str, progress: bool = False, exported: str | None = None,
@@ -116,8 +120,10 @@ class RiffusionPipeline:
     def text_to_image(self, prompt: str, *, negative_prompt: str | None = None, seed: int = 0,
                       num_inference_steps: int = 50, guidance: float = 7.0, width: int = 512,
                       height: int = 512) -> Image.Image:
+        """prompt and negative_prompt: weighted and long prompts as riffusion.prompts reads them."""
         generator = paddle.Generator().manual_seed(seed)
-        return self.pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+        text, uncond = self.embed([prompt, negative_prompt or ""])
+        return self.pipe(prompt_embeds=text, negative_prompt_embeds=uncond, num_inference_steps=num_inference_steps,
                          guidance_scale=guidance, width=width, height=height, generator=generator).images[0]
 
     def interpolate(self, start: PromptInput, end: PromptInput, alpha: float, init_image: Image.Image,
@@ -145,8 +151,9 @@ class RiffusionPipeline:
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         pipe, scheduler = self.pipe, self.pipe.scheduler
-        text = lerp(self._embed(start.prompt), self._embed(end.prompt), alpha)
-        uncond = lerp(self._embed(start.negative_prompt or ""), self._embed(end.negative_prompt or ""), alpha)
+        text_start, text_end, uncond_start, uncond_end = self.embed(
+            [start.prompt, end.prompt, start.negative_prompt or "", end.negative_prompt or ""])
+        text, uncond = lerp(text_start, text_end, alpha), lerp(uncond_start, uncond_end, alpha)
         guidance = lerp(start.guidance, end.guidance, alpha)
         strength = lerp(start.denoising, end.denoising, alpha)
 
@@ -209,11 +216,16 @@ class RiffusionPipeline:
         array = (image / 2 + 0.5).clip(0, 1).transpose([0, 2, 3, 1]).numpy()[0]
         return Image.fromarray((array * 255).round().astype(np.uint8))
 
-    def _embed(self, prompt: str) -> paddle.Tensor:
-        tokenizer = self.pipe.tokenizer
-        ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pd").input_ids
-        return self.pipe.text_encoder(ids)[0]
+    def embed(self, prompts: list[str]) -> list[paddle.Tensor]:
+        """Embeddings [1, chunks * 77, hidden] of prompts used together, all of one length (riffusion.prompts)."""
+        return [paddle.to_tensor(embedding[None]) for embedding in self._encoded(tuple(prompts))]
+
+    def _encode(self, prompts: tuple[str, ...]) -> np.ndarray:
+        from riffusion.prompts import encode
+
+        encoded = encode(self.pipe.tokenizer, self.pipe.text_encoder, list(prompts))
+        encoded.flags.writeable = False
+        return encoded
 
     def _image_tensor(self, image: Image.Image) -> paddle.Tensor:
         """RGB, cropped down to a multiple of 32 as riffusion-hobby does, scaled to [-1, 1]."""

@@ -13,6 +13,7 @@ import functools
 
 import numpy as np
 import scipy.fft
+import scipy.sparse
 
 from riffusion.params import SpectrogramParams
 
@@ -21,6 +22,13 @@ from riffusion.params import SpectrogramParams
 INT16_SCALE = 32768.0
 
 GRIFFIN_LIM_MOMENTUM = 0.99
+
+# Memory bounds. Audio to spectrogram runs the FFT over this many frames at a time (the default 1024
+# frames: 72 MB of spectra). Spectrogram to audio (Griffin-Lim) holds the whole STFT several times over:
+# frames x FFT bins is at most MAX_STFT_CELLS, 6000 columns (60 s) at the default parameters, measured
+# at about 0.23 MB per column (1.4 GB).
+FRAMES_PER_BLOCK = 1024
+MAX_STFT_CELLS = 6000 * (17640 // 2 + 1)
 
 
 def num_frames(num_samples: int, params: SpectrogramParams) -> int:
@@ -48,10 +56,15 @@ def mel_filterbank(params: SpectrogramParams) -> np.ndarray:
     edges_hz = _mel_to_hz(np.linspace(_hz_to_mel(params.min_frequency), _hz_to_mel(params.max_frequency),
                                       params.num_frequencies + 2))
     widths = np.diff(edges_hz)
-    offsets = edges_hz[None, :] - bin_hz[:, None]
-    rising = -offsets[:, :-2] / widths[:-1]
-    falling = offsets[:, 2:] / widths[1:]
-    return _read_only(np.maximum(0, np.minimum(rising, falling)).astype(np.float32))
+    # In place: at the largest sizes params allow, each of these is 269 MB.
+    rising = bin_hz[:, None] - edges_hz[None, :-2]
+    rising /= widths[:-1]
+    falling = edges_hz[None, 2:] - bin_hz[:, None]
+    falling /= widths[1:]
+    np.minimum(rising, falling, out=rising)
+    del falling
+    np.maximum(rising, 0, out=rising)
+    return _read_only(rising.astype(np.float32))
 
 
 @functools.lru_cache(maxsize=4)
@@ -63,10 +76,12 @@ def num_active_bins(params: SpectrogramParams) -> int:
 @functools.lru_cache(maxsize=4)
 def inverse_mel_matrix(params: SpectrogramParams) -> np.ndarray:
     """Pseudo-inverse of the mel projection for the active bins, [num_active_bins, num_frequencies]."""
-    projection = mel_filterbank(params)[: num_active_bins(params)].T.astype(np.float64)
+    # Sparse: each mel filter spans a few bins, so the products cost bins x mel bins, not bins x mel bins^2
+    # (at the largest sizes params allow, 1024 x 32769, dense ones took most of 30 s).
+    projection = scipy.sparse.csr_matrix(mel_filterbank(params)[: num_active_bins(params)].T.astype(np.float64))
     # pinv(A) = A^T pinv(A A^T): a 512 x 512 eigenproblem instead of an SVD of 512 x 4000 (~5x faster).
-    gram_inverse = np.linalg.pinv(projection @ projection.T, hermitian=True)
-    return _read_only((projection.T @ gram_inverse).astype(np.float32))
+    gram_inverse = np.linalg.pinv((projection @ projection.T).toarray(), hermitian=True)
+    return _read_only(np.asarray(projection.T @ gram_inverse).astype(np.float32))
 
 
 def _hz_to_mel(hz):
@@ -97,15 +112,21 @@ class _Framing:
         # window into n_fft and centres frames on hop multiples.
         self.lead = params.n_fft // 2 - (params.n_fft - self.length) // 2
 
-    def stft(self, audio: np.ndarray) -> np.ndarray:
-        """Complex spectra [channels, frames, fft_size // 2 + 1] of a centred, reflect-padded signal."""
+    def frames(self, audio: np.ndarray) -> np.ndarray:
+        """The frames [channels, frames, win_length] of a centred, reflect-padded signal: a view, no copy."""
         samples = audio.shape[-1]
         if samples <= max(self.lead, self.length - self.lead):
             raise ValueError(f"{samples} samples is too short for a {self.length}-sample window")
         padded = np.pad(audio, ((0, 0), (self.lead, self.length - self.lead)), mode="reflect")
         windows = np.lib.stride_tricks.sliding_window_view(padded, self.length, axis=-1)
-        frames = windows[:, : num_samples_for(num_frames(samples, self.params), self.params) + 1 : self.hop]
+        return windows[:, : num_samples_for(num_frames(samples, self.params), self.params) + 1 : self.hop]
+
+    def spectra(self, frames: np.ndarray) -> np.ndarray:
+        """Complex spectra [channels, frames, fft_size // 2 + 1] of frames [channels, frames, win_length]."""
         return scipy.fft.rfft(frames * self.window, n=self.fft_size, axis=-1, workers=-1)
+
+    def stft(self, audio: np.ndarray) -> np.ndarray:
+        return self.spectra(self.frames(audio))
 
     def istft(self, spectrum: np.ndarray) -> np.ndarray:
         """Least-squares inverse of stft: [channels, frames, bins] -> [channels, (frames - 1) * hop]."""
@@ -147,10 +168,30 @@ def stft_magnitude(audio: np.ndarray, params: SpectrogramParams) -> np.ndarray:
 
 
 def spectrogram_from_audio(audio: np.ndarray, params: SpectrogramParams) -> np.ndarray:
-    """Mel magnitude spectrogram [channels, num_frequencies, frames] of float audio [channels, samples]."""
+    """Mel magnitude spectrogram [channels, num_frequencies, frames] of float audio [channels, samples].
+
+    Frames go through the FFT FRAMES_PER_BLOCK at a time, so memory beyond the input and the output
+    stays bounded however long the audio (all at once, 10 minutes took 8.9 GB).
+    """
+    framing = _Framing(params, params.n_fft)
+    frames = framing.frames(_as_int16_units(audio))
     active = num_active_bins(params)
-    magnitude = np.abs(_Framing(params, params.n_fft).stft(_as_int16_units(audio))[..., :active])
-    return np.matmul(mel_filterbank(params)[:active].T, magnitude.transpose(0, 2, 1))
+    projection = mel_filterbank(params)[:active].T
+    out = np.empty((frames.shape[0], params.num_frequencies, frames.shape[1]), dtype=np.float32)
+    for start in range(0, frames.shape[1], FRAMES_PER_BLOCK):
+        block = slice(start, start + FRAMES_PER_BLOCK)
+        magnitude = np.abs(framing.spectra(frames[:, block])[..., :active])
+        out[:, :, block] = np.matmul(projection, magnitude.transpose(0, 2, 1))
+    return out
+
+
+def check_decodable(frames: int, params: SpectrogramParams) -> None:
+    """Refuse a spectrogram Griffin-Lim would need more than about 1.5 GB for (MAX_STFT_CELLS)."""
+    cells = frames * (params.n_fft // 2 + 1)
+    if cells > MAX_STFT_CELLS:
+        longest = MAX_STFT_CELLS // (params.n_fft // 2 + 1)
+        raise ValueError(f"a spectrogram {frames} columns long is too long to decode: at most {longest} columns "
+                         f"({longest * params.step_size_ms / 1000:.0f} s) with an FFT of {params.n_fft}")
 
 
 def linear_from_mel(mel: np.ndarray, params: SpectrogramParams) -> np.ndarray:
@@ -220,6 +261,7 @@ def griffin_lim(magnitude: np.ndarray, params: SpectrogramParams, exact: bool = 
 def audio_from_spectrogram(mel: np.ndarray, params: SpectrogramParams, exact: bool = False,
                            seed: int = 0) -> np.ndarray:
     """Float audio [channels, (frames - 1) * hop_length] from a mel spectrogram in int16 units."""
+    check_decodable(mel.shape[-1], params)
     return griffin_lim(linear_from_mel(mel, params), params, exact, seed) / np.float32(INT16_SCALE)
 
 
