@@ -19,7 +19,7 @@ from riffusion.params import SpectrogramParams
 from riffusion.spectrogram import audio_from_spectrogram, check_decodable, spectrogram_from_audio
 
 # Input audio: the sample rates accepted, and the longest audio turned into a spectrogram (10 minutes
-# take about 1 GB: the input, the 60001-column spectrogram and its image).
+# peaked at 0.65 GB: the input, the 60001-column spectrogram and its image).
 INPUT_SAMPLE_RATES = (1000, 384000)
 MAX_AUDIO_SECONDS = 600
 
