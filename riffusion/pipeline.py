@@ -90,6 +90,8 @@ class RiffusionPipeline:
         from riffusion.layout import EXPORT_FOLDER
         from export.runtime import ONNX_MODEL, load_pipeline
 
+        if runtime is None and lora is not None:
+            runtime = "dynamic"  # a LoRA is fused into the dynamic models only
         if exported is None and runtime != "dynamic" and (Path(checkpoint) / EXPORT_FOLDER / "unet").is_dir():
             exported = Path(checkpoint) / EXPORT_FOLDER
         if runtime is None:
