@@ -30,6 +30,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, help="image height in pixels to validate at (a multiple of 8; default 128). "
                    "The export itself works at every size")
     p.add_argument("--width", type=int, help="image width in pixels to validate at (a multiple of 8; default 128)")
+    p.add_argument("--precision", default="fp32",
+                   help="comma-separated precisions to export and check, of fp32,bf16,int8 (default: fp32; fp32 is "
+                        "always kept as the reference). bf16: the static programs in oneDNN bfloat16 (CPUs with "
+                        "AVX512-BF16 or AMX). int8: the ONNX UNet quantized by onnxruntime, calibrated on the "
+                        "pipeline's own UNet inputs (implies --onnx); kept only where its image PSNR reaches 30 dB")
+    p.add_argument("--fidelity-steps", type=int, default=50,
+                   help="steps of the interpolation every variant runs to measure its speed and, for bf16/int8, its "
+                        "image PSNR and audio spectral convergence against fp32 (default: 50, riffusion-app's)")
     p.add_argument("--threads", type=int, help="CPU threads for validation runs (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--quiet", action="store_true", help="no progress lines, no converter logs")
@@ -44,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
 
         report = export_library(args.model, args.out, components=parse_components(args.components), onnx=args.onnx,
                                 height=args.height, width=args.width, overwrite=args.overwrite, quiet=args.quiet,
-                                threads=args.threads)
+                                threads=args.threads, precision=tuple(args.precision.split(",")),
+                                fidelity_steps=args.fidelity_steps)
     except InputError as error:  # ExportError and the shared file helpers' errors
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -55,5 +64,15 @@ def main(argv: list[str] | None = None) -> int:
         errors = ", ".join(f"{runtime} {error:.2e}" for runtime, error in worst.items())
         print(f"{name}: max abs error vs the dynamic model {errors} (tolerance {entry['tolerance']:g}, "
               f"{len(report['validation_sizes'])} sizes)")
+        for variant, errors in entry.get("precisions", {}).items():
+            print(f"{name}[{variant}]: max abs error vs fp32 {errors['max_abs']:.2e}, relative {errors['max_rel']:.2e} "
+                  f"(tolerance {errors['tolerance_rel']:g} relative)")
+    for variant, entry in report.get("variants", {}).items():
+        timing = entry.get("timing", {})
+        line = f"{variant}: " + (f"request {timing['estimated_request_s']:.2f} s (estimated)" if timing else "not timed")
+        if "psnr_db" in entry:
+            line += f", image PSNR {entry['psnr_db']:.1f} dB, audio spectral convergence {entry['spectral_convergence']:.4f}"
+        line += "" if entry["shipped"] else f"; not kept: {entry['reason']}"
+        print(line)
     print(f"wrote {args.out} ({report['seconds']:.1f} s)")
     return 0

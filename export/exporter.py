@@ -20,11 +20,12 @@ from pathlib import Path
 import numpy as np
 
 from riffusion.files import atomic_folder, check_apart, check_destination, read_json
-from export import runtime
+from export import precision as precisions
+from export import fidelity, runtime
 from export.errors import ExportError
 from export.specs import COMPONENTS, LATENT_FACTOR, SPECS, VALIDATION_SIZES, ComponentSpec
 
-REPORT_NAME = "export_report.json"
+REPORT_NAME = runtime.REPORT_NAME
 PADDLE_WEIGHTS = {
     "unet": ("diffusion_paddle_model.safetensors", "model_state.pdparams"),
     "vae": ("diffusion_paddle_model.safetensors", "model_state.pdparams"),
@@ -90,14 +91,31 @@ def validation_sizes(height: int | None, width: int | None) -> tuple[tuple[int, 
 
 def export_library(library: str | Path, out: str | Path, components: tuple[str, ...] = COMPONENTS, onnx: bool = False,
                    height: int | None = None, width: int | None = None, overwrite: bool = False, quiet: bool = False,
-                   threads: int | None = None) -> dict:
+                   threads: int | None = None, precision: tuple[str, ...] = ("fp32",),
+                   fidelity_steps: int = 50) -> dict:
     """Export `components` of the converted library into `out`; returns the report (also written to
-    out/export_report.json). Raises ExportError on bad input or a failed validation, leaving no `out`."""
+    out/export_report.json). Raises ExportError on bad input or a failed validation, leaving no `out`.
+
+    `precision`: fp32 and any of bf16 (Paddle Inference, oneDNN bfloat16; refused on CPUs without
+    AVX512-BF16/AMX) and int8 (onnxruntime, quantized UNet; implies `onnx`). When the export holds more
+    than one variant, each runs one `fidelity_steps`-step interpolation from the same seeds: its timing
+    goes into the report's `variants` (the runtime runs the fastest by default) with, for bf16 and int8,
+    the image PSNR and audio spectral convergence against fp32. A variant below its PSNR bar is
+    recorded with the reason and not kept (int8's files are removed)."""
     started = time.perf_counter()
     library, out = Path(library), Path(out)
     unknown = [name for name in components if name not in SPECS]
     if unknown:
         raise ExportError(f"unknown component {unknown[0]!r} (choose from {','.join(COMPONENTS)})")
+    precision = precisions.parse_precisions(",".join(precision))
+    for name in precision:
+        precisions.require(name)
+    if "int8" in precision:
+        if "unet" not in components:
+            raise ExportError("--precision int8 quantizes the UNet: add unet to --components")
+        onnx = True
+    if not isinstance(fidelity_steps, int) or not 1 <= fidelity_steps <= 1000:
+        raise ExportError(f"--fidelity-steps {fidelity_steps}: must be an integer from 1 to 1000")
     sizes = validation_sizes(height, width)
     configs = check_library(library, components)
     check_destination(out.absolute(), overwrite)
@@ -110,9 +128,11 @@ def export_library(library: str | Path, out: str | Path, components: tuple[str, 
         "library": str(library),
         "components": {},
         "validation_sizes": [list(size) for size in sizes],
+        "precisions": list(precision),
         "versions": _versions(onnx),
     }
     runtime.use_all_cores(threads)  # the dynamic reference runs
+    checked: dict[str, tuple] = {}
     with atomic_folder(out, overwrite) as staging:
         with paddle.no_grad():
             for folder in dict.fromkeys(SPECS[name].folder for name in components):
@@ -125,7 +145,17 @@ def export_library(library: str | Path, out: str | Path, components: tuple[str, 
                 gc.collect()
                 for spec, entry, examples, references in traced:
                     _validate(spec, staging / spec.name, entry, sizes, examples, references, onnx, quiet, threads)
+                    if "bf16" in precision:
+                        _validate_precision(spec, staging / spec.name, entry, "static", "bf16", examples, references,
+                                            quiet, threads)
                     report["components"][spec.name] = entry
+                    checked[spec.name] = (examples, references)
+            variants = [pair for pair in precisions.VARIANTS if pair[1] in precision and (pair[0] == "static" or onnx)]
+            if len(variants) > 1:
+                report["variants"] = _variants(library, staging, components, variants, report["components"], checked,
+                                               fidelity_steps, quiet, threads)
+                report["fidelity"] = {"steps": fidelity_steps, "alpha": fidelity.ALPHA, "seed_image": fidelity.SEED_IMAGE,
+                                      "start": fidelity.START, "end": fidelity.END, "reference": "static-fp32"}
         report["seconds"] = round(time.perf_counter() - started, 3)
         (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
@@ -199,6 +229,69 @@ def _validate(spec: ComponentSpec, folder: Path, entry: dict, sizes, examples, r
         del session
         gc.collect()
     entry["validation_seconds"] = round(time.perf_counter() - started, 3)
+
+
+def _validate_precision(spec: ComponentSpec, folder: Path, entry: dict, backend: str, precision: str, examples,
+                        references, quiet: bool, threads: int | None, fail: bool = True) -> bool:
+    """Run one reduced-precision program on the examples and hold it to its relative bar against the fp32
+    dynamic outputs; record max abs/rel error in entry["precisions"]. ExportError when `fail` and above."""
+    _progress(quiet, f"{spec.name}: validating {backend} {precision}")
+    session = runtime.open_session(folder, backend, threads=threads, precision=precision)
+    worst_abs = worst_rel = 0.0
+    for example, reference in zip(examples, references):
+        for ref, got in zip(reference, session.run(example)):
+            error, relative = precisions.relative_error(ref, got)
+            worst_abs, worst_rel = max(worst_abs, error), max(worst_rel, relative)
+    del session
+    gc.collect()
+    tolerance = precisions.RELATIVE_TOLERANCE[precision]
+    passed = bool(worst_rel <= tolerance)
+    entry.setdefault("precisions", {})[precisions.variant_name(backend, precision)] = {
+        "max_abs": worst_abs, "max_rel": worst_rel, "tolerance_rel": tolerance, "passed": passed}
+    if fail and not passed:
+        raise ExportError(f"{spec.name} ({_backend_name(backend)}, {precision}) differs from the fp32 dynamic model: max "
+                          f"relative error {worst_rel:.3g} > tolerance {tolerance:g}")
+    return passed
+
+
+def _variants(library: Path, staging: Path, components, variants, entries: dict, checked: dict, steps: int,
+              quiet: bool, threads: int | None) -> dict:
+    """Run the fidelity request on every variant (static fp32 first: the reference and the int8
+    calibration set), quantize the int8 UNet, and decide which reduced-precision variants are kept."""
+    results, reference, calibration = {}, None, []
+    for backend, precision in variants:
+        name = precisions.variant_name(backend, precision)
+        entry = {"runtime": backend, "precision": precision, "shipped": True}
+        if precision == "int8":
+            _progress(quiet, "unet: quantizing to int8 (onnxruntime, calibrated on the recorded UNet inputs)")
+            entry["quantization"] = precisions.quantize_int8(staging / "unet", calibration, quiet)
+            entry["quantization"].update(op_types=list(precisions.INT8_OP_TYPES), calibration_samples=len(calibration))
+            examples, references = checked["unet"]
+            if not _validate_precision(SPECS["unet"], staging / "unet", entries["unet"], "onnx", "int8", examples,
+                                       references, quiet, threads, fail=False):
+                entry.update(shipped=False, reason="the UNet's relative error is above its bar")
+        _progress(quiet, f"fidelity: a {steps}-step interpolation on {name}")
+        run = fidelity.run_request(library, staging, backend, precision, components, steps, threads,
+                                   record=calibration if name == "static-fp32" else None)
+        entry["timing"] = fidelity.timing(run)
+        if reference is None:
+            reference = run
+        elif precision != "fp32":
+            entry.update(fidelity.compare(reference, run))
+            bar = precisions.MIN_PSNR_DB[precision]
+            entry["min_psnr_db"] = bar
+            if entry["psnr_db"] < bar and entry["shipped"]:
+                entry.update(shipped=False, reason=f"image PSNR {entry['psnr_db']:.1f} dB against fp32 is below {bar:g} dB")
+        if not entry["shipped"] and precision == "int8":
+            for file in entry["quantization"]["files"]:
+                (staging / "unet" / file).unlink(missing_ok=True)
+            entry.pop("timing")  # not held: never chosen
+        elif precision == "int8":
+            entries["unet"]["files"] += entry["quantization"]["files"]
+        results[name] = entry
+        del run
+        gc.collect()
+    return results
 
 
 def _compare(spec: ComponentSpec, backend: str, size, reference: list[np.ndarray], outputs: list[np.ndarray]) -> dict:

@@ -7,13 +7,15 @@
 Backends:
 
 - "static": Paddle Inference on OUT/<component>/inference.json + inference.pdiparams.
-  CPU: oneDNN on, `threads` math-library threads (default: every core this process may use).
+  CPU: oneDNN on, `threads` math-library threads (default: every core this process may use);
+  `precision="bf16"` runs oneDNN's bfloat16 kernels (CPUs with AVX512-BF16 or AMX only).
   GPU (`device="gpu"`, needs paddlepaddle-gpu): `fp16=True` runs the program in half precision
   (inputs and outputs stay float32); `tensorrt=True` hands supported subgraphs to TensorRT: the
   first such session runs without it and records tensor shape ranges in
   OUT/<component>/shape_range_info.pbtxt, later ones build engines for them. Not tested here: no
   GPU on these machines.
-- "onnx": onnxruntime on OUT/<component>/model.onnx, `threads` intra-op threads.
+- "onnx": onnxruntime on OUT/<component>/model.onnx, `threads` intra-op threads; `precision="int8"`
+  runs model.int8.onnx where the export holds one (the UNet), model.onnx elsewhere.
   GPU (`device="gpu"`, needs onnxruntime-gpu): CUDAExecutionProvider, with `tensorrt=True`
   TensorrtExecutionProvider first (fp16 when `fp16=True`). Not tested here.
 
@@ -32,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from export import precision as precisions
 from export.specs import SPECS, ComponentSpec
 
 BACKENDS = ("dynamic", "static", "onnx")
@@ -39,6 +42,7 @@ STATIC_PROGRAM = "inference.json"
 STATIC_PARAMS = "inference.pdiparams"
 ONNX_MODEL = "model.onnx"
 CONFIG_NAME = "config.json"  # the model config as ppdiffusers loaded it (defaults filled in), written at export
+REPORT_NAME = "export_report.json"
 
 
 def cpu_count() -> int:
@@ -74,11 +78,17 @@ class PaddleInferenceSession:
     """
 
     def __init__(self, folder: Path, device: str = "cpu", threads: int | None = None, fp16: bool = False,
-                 tensorrt: bool = False, onednn: bool = True, gpu_memory_mb: int = 1024, device_id: int = 0):
+                 tensorrt: bool = False, onednn: bool = True, gpu_memory_mb: int = 1024, device_id: int = 0,
+                 precision: str = "fp32"):
         import paddle
         import paddle.inference as paddle_infer
         from paddle.base import core
 
+        precisions.check_pair("static", precision)
+        if precision == "bf16":
+            if device != "cpu" or not onednn:
+                raise ValueError("bf16 runs on the CPU with oneDNN (on a GPU, use fp16=True)")
+            precisions.require("bf16")
         paddle.set_flags({"FLAGS_pir_apply_inplace_pass": False})
         folder = Path(folder)
         program, params = folder / STATIC_PROGRAM, folder / STATIC_PARAMS
@@ -106,6 +116,8 @@ class PaddleInferenceSession:
             config.set_cpu_math_library_num_threads(threads or cpu_count())
             if onednn:
                 config.enable_onednn()
+                if precision == "bf16":
+                    config.enable_onednn_bfloat16()
                 if not core.supports_avx512f():
                     # its fused kernel (the exported self-attention matches it) is AVX-512 code
                     config.delete_pass("self_attention_fuse_pass")
@@ -131,10 +143,13 @@ class OnnxSession:
     """One exported model.onnx in onnxruntime."""
 
     def __init__(self, folder: Path, device: str = "cpu", threads: int | None = None, fp16: bool = False,
-                 tensorrt: bool = False, device_id: int = 0):
+                 tensorrt: bool = False, device_id: int = 0, precision: str = "fp32"):
         import onnxruntime as ort
 
+        precisions.check_pair("onnx", precision)
         path = Path(folder) / ONNX_MODEL
+        if precision == "int8" and (Path(folder) / precisions.INT8_MODEL).is_file():
+            path = Path(folder) / precisions.INT8_MODEL
         if not path.is_file():
             raise FileNotFoundError(f"{path}: missing (export the component with `python -m export --onnx`)")
         options = ort.SessionOptions()
@@ -330,6 +345,11 @@ def load_component(exported: str | Path, name: str, backend: str = "static", **o
     folder = Path(exported) / name
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: missing: {exported} holds no exported {name}")
+    if options.get("precision") == "int8" and name in precisions.INT8_COMPONENTS \
+            and not (folder / precisions.INT8_MODEL).is_file():
+        raise FileNotFoundError(f"{folder / precisions.INT8_MODEL}: missing: {exported} holds no int8 {name} (export it "
+                                f"with --precision int8; it is kept only where its image PSNR reaches "
+                                f"{precisions.MIN_PSNR_DB['int8']:g} dB)")
     config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
     return RUNTIMES[name](SPECS[name], open_session(folder, backend, **options), config)
 
@@ -350,11 +370,58 @@ def load_vae(exported, backend: str = "static", encoder: bool = True, decoder: b
     return VaeRuntime(parts["vae_encoder"], parts["vae_decoder"], dict(present.config) if present else {})
 
 
+def read_report(exported: str | Path) -> dict:
+    """The export's report (export_report.json), {} for an export that has none."""
+    path = Path(exported) / REPORT_NAME
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def choose_variant(exported: str | Path, runtime: str | None = None, precision: str | None = None) -> tuple[str, str]:
+    """(runtime, precision) to run `exported` in: the ones asked for, checked against what the export
+    holds and the CPU supports, with the blanks filled by the fastest variant the export's report timed
+    (its `variants`, timed at export on this model's size). Exports without timings: static fp32 (on
+    the tiny model onnxruntime was 2x slower than Paddle Inference), else onnx fp32."""
+    from export.errors import ExportError
+
+    exported = Path(exported)
+    variants = read_report(exported).get("variants", {})
+    for given, known in ((runtime, precisions.RUNTIME_PRECISIONS), (precision, precisions.PRECISIONS)):
+        if given is not None and given not in known:
+            raise ExportError(f"unknown {'runtime' if known is precisions.RUNTIME_PRECISIONS else 'precision'} "
+                              f"{given!r} (choose from {', '.join(known)})")
+    if runtime and precision:
+        precisions.check_pair(runtime, precision)
+    if precision:
+        precisions.require(precision)
+
+    def held(name: str, entry: dict) -> bool:
+        files = {"static": STATIC_PROGRAM, "onnx": ONNX_MODEL}
+        return (entry.get("shipped", False) and (exported / "unet" / files[entry["runtime"]]).is_file()
+                and precisions.supported(entry["precision"]))
+
+    wanted = {name: entry for name, entry in variants.items() if held(name, entry)
+              and runtime in (None, entry["runtime"]) and precision in (None, entry["precision"])}
+    timed = {name: entry for name, entry in wanted.items() if "estimated_request_s" in entry.get("timing", {})}
+    if timed:
+        best = min(timed.values(), key=lambda entry: entry["timing"]["estimated_request_s"])
+        return best["runtime"], best["precision"]
+    if precision not in (None, "fp32"):
+        entry = variants.get(precisions.variant_name(runtime or precisions.owner(precision), precision))
+        why = f": {entry['reason']}" if entry and entry.get("reason") else " (export it with --precision " + precision + ")"
+        raise ExportError(f"{exported} holds no {precision} programs{why}")
+    if runtime is None:
+        runtime = "static" if (exported / "unet" / STATIC_PROGRAM).is_file() or not (exported / "unet" / ONNX_MODEL).is_file() else "onnx"
+    return runtime, "fp32"
+
+
 def load_pipeline(library: str | Path, exported: str | Path | None = None, unet: str = "dynamic",
                   text_encoder: str = "dynamic", vae: str = "dynamic", **options):
     """A ppdiffusers StableDiffusionPipeline from a converted library, each of unet / text_encoder / vae
     "dynamic" (the library's ppdiffusers model), "static" (Paddle Inference) or "onnx" (onnxruntime)
-    from `exported`. `options` go to the runtimes (device, threads, fp16, tensorrt). No safety
+    from `exported`. `options` go to the runtimes (device, threads, fp16, tensorrt, precision). No safety
     checker: spectrograms are not photographs (riffusion-hobby runs without it too)."""
     import paddle
     from ppdiffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel

@@ -63,6 +63,27 @@ class PreparedInterpolation:
         return self.num_inference_steps, self.t_start, tuple(self.latents.shape), self.mask is None
 
 
+# name -> (ppdiffusers class, config overrides); "library": the scheduler the model ships with (PNDM for
+# riffusion-model-v1). DPM-Solver++ (2nd-order multistep) reaches a comparable image in fewer steps.
+SCHEDULERS = {
+    "library": None,
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+}
+
+
+def make_scheduler(library_scheduler, name: str | None):
+    """The scheduler called `name` (see SCHEDULERS), configured from the library's own scheduler's config."""
+    import ppdiffusers
+
+    name = name or "library"
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r} (choose from {', '.join(SCHEDULERS)})")
+    if SCHEDULERS[name] is None:
+        return library_scheduler
+    class_name, overrides = SCHEDULERS[name]
+    return getattr(ppdiffusers, class_name).from_config(library_scheduler.config, **overrides)
+
+
 class RiffusionPipeline:
     """Wraps a ppdiffusers StableDiffusionPipeline (its components may be static or ONNX runtimes)."""
 
@@ -75,36 +96,42 @@ class RiffusionPipeline:
 
     @classmethod
     def from_pretrained(cls, checkpoint: str, progress: bool = False, exported: str | None = None,
-                        runtime: str | None = None, lora: str | None = None,
+                        runtime: str | None = None, precision: str | None = None,
+                        scheduler: str | None = None, lora: str | None = None,
                         lora_scale: float = 1.0) -> "RiffusionPipeline":
         """`exported`: a folder made by `python -m export`; for a release folder (`convert --release`) its
         own `export/` is used when `exported` is not given. Its UNet, text encoder and VAE then run in
-        `runtime`: "onnx" (onnxruntime) or "static" (Paddle Inference); parts the export lacks stay
-        dynamic. The default is the fastest the export holds: onnx when it was exported with --onnx
-        (full-size UNet step, batch 2, 64x64 latents, 2 CPU cores: onnxruntime 4.1 s, Paddle Inference
-        4.7 s, torch 7.0 s, Paddle dynamic 35.5 s), else static. Without an export, or with runtime="dynamic", everything runs in
-        Paddle dynamic mode. `lora`: a LoRA folder or file (riffusion.train, convert.lora), fused into
-        the dynamic UNet and text encoder at `lora_scale` (0 gives the base model exactly)."""
+        `runtime` ("onnx": onnxruntime, "static": Paddle Inference) at `precision` ("fp32", "bf16": static
+        on CPUs with AVX512-BF16/AMX, "int8": onnx UNet); parts the export lacks stay dynamic. Left out,
+        both are those of the fastest variant the export timed when it was made (its report's `variants`)
+        that this CPU runs. Without an export, or with runtime="dynamic", everything runs in Paddle
+        dynamic mode. `scheduler`: see SCHEDULERS (default: the library's own). `lora`: a LoRA folder or
+        file (riffusion.train, convert.lora), fused into the dynamic UNet and text encoder at `lora_scale`
+        (0 gives the base model exactly)."""
         from pathlib import Path
 
         from riffusion.layout import EXPORT_FOLDER
-        from export.runtime import ONNX_MODEL, load_pipeline
+        from export.runtime import choose_variant, load_pipeline
 
         if runtime is None and lora is not None:
             runtime = "dynamic"  # a LoRA is fused into the dynamic models only
         if exported is None and runtime != "dynamic" and (Path(checkpoint) / EXPORT_FOLDER / "unet").is_dir():
             exported = Path(checkpoint) / EXPORT_FOLDER
-        if runtime is None:
-            has_onnx = exported is not None and (Path(exported) / "unet" / ONNX_MODEL).is_file()
-            runtime = "dynamic" if exported is None else ("onnx" if has_onnx else "static")
+        if runtime == "dynamic" or exported is None:
+            if precision not in (None, "fp32"):
+                raise ValueError(f"precision {precision} needs an export (--export): Paddle dynamic mode runs fp32")
+            runtime, precision = "dynamic", "fp32"
+        else:
+            runtime, precision = choose_variant(exported, runtime, precision)
 
         def backend(*components: str) -> str:
             present = exported is not None and all((Path(exported) / name).is_dir() for name in components)
             return runtime if present else "dynamic"
 
         # Spectrograms are not photographs: riffusion-hobby runs without the NSFW image filter too.
+        options = {"precision": precision} if runtime != "dynamic" else {}
         pipe = load_pipeline(checkpoint, exported, unet=backend("unet"), text_encoder=backend("text_encoder"),
-                             vae=backend("vae_encoder", "vae_decoder"))
+                             vae=backend("vae_encoder", "vae_decoder"), **options)
         if lora is not None:
             from riffusion import lora as adapters
             from riffusion.errors import InputError
@@ -113,7 +140,10 @@ class RiffusionPipeline:
                 raise InputError("--lora needs the dynamic runtime (--runtime dynamic); for static or ONNX programs "
                                  "fuse the LoRA into a library (python -m convert.lora --fuse) and export that")
             adapters.apply(pipe, lora, lora_scale)
-        return cls(pipe, progress)
+        pipe.scheduler = make_scheduler(pipe.scheduler, scheduler)
+        pipeline = cls(pipe, progress)
+        pipeline.runtime, pipeline.precision = runtime, precision
+        return pipeline
 
     @property
     def vae_scale(self) -> int:
