@@ -6,6 +6,8 @@ python -m convert.parity --torch SRC --paddle DIR [--exported EXPORT] [--json FI
 With `--exported` (a folder made by `python -m export`), the static (Paddle Inference) and ONNX
 programs it holds are compared with the same torch references too: `unet[static]`, `unet[onnx]`, ...,
 and, when all of UNet, text encoder and VAE are exported, the end-to-end `pipeline[static]` / `pipeline[onnx]`.
+Reduced-precision variants the export holds and this CPU runs (`unet[static-bf16]`, `unet[onnx-int8]`, ...)
+are held to their own bar, relative to the largest torch value: export.precision.RELATIVE_TOLERANCE.
 
 Errors are absolute (max |torch - paddle|); the relative figure is max_abs / max |torch|. When the
 library was written in float16 the torch reference gets the same float16-rounded weights, so both
@@ -85,19 +87,41 @@ class Sides:
             raise ConversionError(f"{self.exported}: no such export folder")
 
     def backends(self, *components: str) -> list[str]:
-        """The exported runtimes ("static", "onnx") available for every one of `components`."""
+        """The exported runtimes ("static", "onnx") available for every one of `components`, then the
+        reduced-precision variants ("static-bf16", "onnx-int8") the export keeps and this CPU runs."""
         if self.exported is None:
             return []
-        from export.runtime import ONNX_MODEL, STATIC_PROGRAM
+        from export import precision as precisions
+        from export.runtime import ONNX_MODEL, STATIC_PROGRAM, read_report
 
         files = {"static": STATIC_PROGRAM, "onnx": ONNX_MODEL}
-        return [backend for backend, name in files.items()
-                if all((self.exported / component / name).is_file() for component in components)]
+        found = [backend for backend, name in files.items()
+                 if all((self.exported / component / name).is_file() for component in components)]
+        variants = read_report(self.exported).get("variants", {})
+        for name, entry in variants.items():
+            if (entry["precision"] != "fp32" and entry.get("shipped") and entry["runtime"] in found
+                    and precisions.supported(entry["precision"])
+                    and (entry["precision"] != "int8" or any(part in precisions.INT8_COMPONENTS for part in components))):
+                found.append(name)
+        return found
 
     def runtime(self, component: str, backend: str):
         from export.runtime import load_component
 
-        return load_component(self.exported, component, backend)
+        runtime, _, precision = backend.partition("-")
+        return load_component(self.exported, component, runtime, precision=precision or "fp32")
+
+
+def variant_tolerance(name: str, backend: str, reference) -> tuple[float, str]:
+    """(absolute tolerance, how it was set) for `name` run on `backend`: the fp32 one, or a reduced
+    precision's relative bar times the largest reference value."""
+    from export.precision import RELATIVE_TOLERANCE
+
+    _, _, precision = backend.partition("-")
+    if not precision:
+        return TOLERANCES[name], ""
+    relative = RELATIVE_TOLERANCE[precision]
+    return relative * float(np.max(np.abs(reference))), f", {precision} bar {relative:g} relative"
 
     def torch_model(self, cls, name: str):
         import torch
@@ -201,10 +225,10 @@ def _text_encoder_checks(sides: Sides) -> list[Check]:
     for backend in sides.backends("text_encoder"):
         output = sides.runtime("text_encoder", backend)(ids)
         name = f"text_encoder[{backend}]"
-        checks.append(compare(name, hidden, output.last_hidden_state.numpy(), TOLERANCES["text_encoder"],
-                              f"last_hidden_state {list(hidden.shape)}"))
-        checks.append(compare(name, pooled, output.pooler_output.numpy(), TOLERANCES["text_encoder"],
-                              f"pooler_output {list(pooled.shape)}"))
+        for label, expected, got in (("last_hidden_state", hidden, output.last_hidden_state.numpy()),
+                                     ("pooler_output", pooled, output.pooler_output.numpy())):
+            tolerance, bar = variant_tolerance("text_encoder", backend, expected)
+            checks.append(compare(name, expected, got, tolerance, f"{label} {list(expected.shape)}{bar}"))
     return checks
 
 
@@ -230,7 +254,8 @@ def _unet_checks(sides: Sides, latent: int, config: dict) -> list[Check]:
     checks = [compare("unet", reference, output, detail=detail)]
     for backend in sides.backends("unet"):
         output = sides.runtime("unet", backend)(sample, timesteps, context).sample.numpy()
-        checks.append(compare(f"unet[{backend}]", reference, output, TOLERANCES["unet"], detail))
+        tolerance, bar = variant_tolerance("unet", backend, reference)
+        checks.append(compare(f"unet[{backend}]", reference, output, tolerance, detail + bar))
         _release()
     return checks
 
@@ -259,11 +284,12 @@ def _vae_checks(sides: Sides, latent: int) -> list[Check]:
     for backend in sides.backends("vae_encoder"):
         output = sides.runtime("vae_encoder", backend).run(sample=image)[0]
         mean_out = np.split(output, 2, axis=1)[0]  # the encoder's moments: mean, then log-variance
-        checks.append(compare(f"vae_encode[{backend}]", mean, mean_out, TOLERANCES["vae_encode"], "latent_dist.mean"))
+        tolerance, bar = variant_tolerance("vae_encode", backend, mean)
+        checks.append(compare(f"vae_encode[{backend}]", mean, mean_out, tolerance, "latent_dist.mean" + bar))
     for backend in sides.backends("vae_decoder"):
         output = sides.runtime("vae_decoder", backend).run(latent_sample=latents)[0]
-        checks.append(compare(f"vae_decode[{backend}]", decoded, output, TOLERANCES["vae_decode"],
-                              f"{latent * 8}x{latent * 8} image"))
+        tolerance, bar = variant_tolerance("vae_decode", backend, decoded)
+        checks.append(compare(f"vae_decode[{backend}]", decoded, output, tolerance, f"{latent * 8}x{latent * 8} image" + bar))
     return checks
 
 
@@ -323,9 +349,12 @@ def _pipeline_checks(sides: Sides, latent: int, steps: int) -> list[Check]:
     for backend in sides.backends("unet", "text_encoder", "vae_encoder", "vae_decoder"):
         from export.runtime import load_pipeline
 
-        pipe = load_pipeline(sides.paddle_folder, sides.exported, unet=backend, text_encoder=backend, vae=backend)
+        runtime, _, precision = backend.partition("-")
+        pipe = load_pipeline(sides.paddle_folder, sides.exported, unet=runtime, text_encoder=runtime, vae=runtime,
+                             precision=precision or "fp32")
         output = pipe(latents=paddle.to_tensor(latents), **call).images
-        checks.append(compare(f"pipeline[{backend}]", reference, output, TOLERANCES["pipeline"], detail))
+        tolerance, bar = variant_tolerance("pipeline", backend, reference)
+        checks.append(compare(f"pipeline[{backend}]", reference, output, tolerance, detail + bar))
         del pipe
         _release()
     return checks

@@ -75,7 +75,7 @@ def run_request(library: Path, exported: Path, runtime: str, precision: str, com
     image = riffusion.interpolate(PromptInput(**START), PromptInput(**END), ALPHA, seed, num_inference_steps=steps)
     pipeline_s = time.perf_counter() - started
     started = time.perf_counter()
-    audio, _ = image_to_audio(image, _params_for(image))
+    audio, _ = image_to_audio(image, spectrogram_params(image.height))
     audio_s = time.perf_counter() - started
     return {"image": np.asarray(image), "audio": audio, "stages": stages, "pipeline_s": pipeline_s, "audio_s": audio_s}
 
@@ -99,17 +99,13 @@ def compare(reference: dict, run: dict) -> dict:
 
     from export.precision import psnr
 
-    params = _params_for_height(reference["image"].shape[0])
+    params = spectrogram_params(reference["image"].shape[0])
     return {"psnr_db": round(psnr(reference["image"], run["image"]), 2),
             "spectral_convergence": round(spectral_convergence(stft_magnitude(reference["audio"], params),
                                                                stft_magnitude(run["audio"], params)), 5)}
 
 
-def _params_for(image):
-    return _params_for_height(image.height)
-
-
-def _params_for_height(height: int):
+def spectrogram_params(height: int):
     """Riffusion's spectrogram settings with one mel bin per image row (512 for the real model; fewer
     for the tiny test models' small images)."""
     from riffusion.params import SpectrogramParams

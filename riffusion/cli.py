@@ -91,6 +91,7 @@ def _pipeline(args):
     try:
         exported = export_for(args.checkpoint, args.export, runtime)
         pipeline = RiffusionPipeline.from_pretrained(args.checkpoint, progress=True, exported=exported, runtime=runtime,
+                                                     precision=args.precision, scheduler=args.scheduler,
                                                      lora=args.lora, lora_scale=args.lora_scale)
     except InputError as error:
         raise CommandError(str(error)) from None
@@ -234,7 +235,12 @@ def _model_options(command) -> None:
     command.add_argument("--runtime", choices=("dynamic", "static", "onnx"),
                          help="static: Paddle Inference; onnx: onnxruntime (needs an export made with --onnx); "
                               "dynamic: Paddle's eager mode, about 20x slower on CPU. Default: the fastest the "
-                              "export holds (dynamic with --lora). The command prints which engine runs each part")
+                              "export timed when it was made (dynamic with --lora). The command prints which engine "
+                              "runs each part")
+    command.add_argument("--precision", choices=("fp32", "bf16", "int8"),
+                         help="default: that of the fastest variant the export holds that this CPU runs")
+    command.add_argument("--scheduler", choices=("library", "dpmsolver++"), default="library",
+                         help="the library's own scheduler (PNDM for riffusion) or DPM-Solver++, which needs fewer steps")
     command.add_argument("--lora", type=Path, help="a LoRA run folder (python -m riffusion.train) or converted LoRA")
     command.add_argument("--lora-scale", type=_finite, default=1.0, help="LoRA strength; 0 is the base model")
 

@@ -181,7 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=3013)
     parser.add_argument("--export", "--exported", dest="export", help="a folder made by python -m export: run its static or ONNX programs")
     parser.add_argument("--runtime", choices=("dynamic", "static", "onnx"),
-                        help="default: the fastest the export holds (onnx, else static), dynamic without --export")
+                        help="default: the fastest the export timed when it was made, dynamic without --export")
+    parser.add_argument("--precision", choices=("fp32", "bf16", "int8"),
+                        help="default: that of the fastest variant the export holds that this CPU runs")
+    parser.add_argument("--scheduler", choices=("library", "dpmsolver++"), default="library",
+                        help="the library's own scheduler (PNDM for riffusion) or DPM-Solver++")
     parser.add_argument("--lora", help="a LoRA run folder (python -m riffusion.train) or converted LoRA, merged in "
                         "(dynamic runtime)")
     parser.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength; 0 is the base model")
@@ -209,8 +213,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         pipeline = RiffusionPipeline.from_pretrained(args.checkpoint, exported=args.export, runtime=args.runtime,
+                                                     precision=args.precision, scheduler=args.scheduler,
                                                      lora=args.lora, lora_scale=args.lora_scale)
-    except InputError as error:
+    except (InputError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     server = make_server(pipeline, args.host, args.port, seed_folder, args.max_steps, args.max_pending)

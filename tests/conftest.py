@@ -38,7 +38,7 @@ def exported(paddle_library, tmp_path_factory):
     from export.exporter import export_library
 
     out = tmp_path_factory.mktemp("export") / "riffusion-tiny-export"
-    report = export_library(paddle_library, out, onnx=True, quiet=True)
+    report = export_library(paddle_library, out, onnx=True, quiet=True, fidelity_steps=4)
     return out, report
 
 

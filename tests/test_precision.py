@@ -1,0 +1,179 @@
+"""Reduced precision on the tiny model: bf16 (Paddle Inference oneDNN) and int8 (onnxruntime UNet) meet
+their per-component and end-to-end bars and say so in the export report; bf16 is refused on a CPU that
+reports no bfloat16 instructions; a variant below its PSNR bar is not kept; the runtime runs the fastest
+variant the export timed and the CPU supports; the scheduler can be chosen."""
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+from export import precision as precisions
+from export.errors import ExportError
+
+FIDELITY_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def reduced(paddle_library, tmp_path_factory):
+    """The tiny library's UNet exported in every precision this CPU runs: (folder, report)."""
+    from export.exporter import export_library
+
+    wanted = ("fp32", "int8") + (("bf16",) if precisions.supported("bf16") else ())
+    out = tmp_path_factory.mktemp("reduced") / "export"
+    report = export_library(paddle_library, out, components=("unet",), precision=wanted, quiet=True,
+                            fidelity_steps=FIDELITY_STEPS)
+    return out, report
+
+
+def test_each_precision_meets_its_bars_and_the_report_says_so(reduced):
+    out, report = reduced
+    variants = report["variants"]
+    expected = {"static-fp32", "onnx-fp32", "onnx-int8"} | ({"static-bf16"} if precisions.supported("bf16") else set())
+    assert set(variants) == expected
+    assert report["fidelity"]["steps"] == FIDELITY_STEPS
+    errors = report["components"]["unet"]["precisions"]
+    for name, entry in variants.items():
+        assert entry["timing"]["estimated_request_s"] > 0
+        assert entry["timing"]["per_call_s"]["unet"] > 0
+        if entry["precision"] == "fp32":
+            continue
+        # per component: max abs and relative error against fp32, within the precision's bar
+        assert 0 < errors[name]["max_rel"] <= precisions.RELATIVE_TOLERANCE[entry["precision"]]
+        assert errors[name]["max_abs"] > 0
+        # end to end: image PSNR at or above the bar, audio spectral convergence measured
+        assert entry["shipped"], entry
+        assert entry["psnr_db"] >= precisions.MIN_PSNR_DB[entry["precision"]]
+        assert 0 <= entry["spectral_convergence"] < 1
+    assert (out / "unet" / precisions.INT8_MODEL).is_file()
+    assert precisions.INT8_MODEL in report["components"]["unet"]["files"]
+    written = json.loads((out / "export_report.json").read_text())
+    assert written["variants"] == json.loads(json.dumps(variants))
+
+
+def test_reduced_precision_runtimes_stay_within_their_bar(reduced, paddle_library):
+    """The shipped programs, loaded as users load them, against the fp32 static program on new inputs."""
+    from export.runtime import load_unet
+
+    out, _ = reduced
+    rng = np.random.default_rng(7)
+    sample = rng.standard_normal((2, 4, 8, 8), dtype=np.float32)
+    context = rng.standard_normal((2, 77, 32), dtype=np.float32)
+    timestep = np.array([500], dtype=np.float32)
+    reference = load_unet(out, "static").session.run({"sample": sample, "timestep": timestep,
+                                                      "encoder_hidden_states": context})[0]
+    pairs = [("onnx", "int8")] + ([("static", "bf16")] if precisions.supported("bf16") else [])
+    for backend, precision in pairs:
+        unet = load_unet(out, backend, precision=precision)
+        output = unet(sample, timestep, context).sample.numpy()
+        _, relative = precisions.relative_error(reference, output)
+        assert 0 < relative <= precisions.RELATIVE_TOLERANCE[precision], (backend, precision, relative)
+
+
+def test_bf16_is_refused_where_the_cpu_reports_no_bfloat16(paddle_library, tmp_path, monkeypatch, capsys):
+    from export.cli import main
+    from export.runtime import PaddleInferenceSession
+
+    monkeypatch.setattr(precisions, "cpu_flags", lambda: {"avx512f", "avx512_vnni"})
+    out = tmp_path / "export"
+    assert main(["--model", str(paddle_library), "--out", str(out), "--precision", "bf16", "--quiet"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0
+    assert "bf16 needs a CPU with AVX512-BF16 or AMX" in error and "avx512_bf16" in error
+    assert not out.exists()
+    with pytest.raises(ExportError, match="AVX512-BF16"):
+        PaddleInferenceSession(tmp_path, precision="bf16")
+
+
+def test_int8_below_its_psnr_bar_is_not_kept(paddle_library, tmp_path, monkeypatch):
+    from export.exporter import export_library
+    from export.runtime import choose_variant
+
+    monkeypatch.setitem(precisions.MIN_PSNR_DB, "int8", 1000.0)
+    out = tmp_path / "export"
+    report = export_library(paddle_library, out, components=("unet",), precision=("int8",), quiet=True,
+                            fidelity_steps=2)
+    entry = report["variants"]["onnx-int8"]
+    assert not entry["shipped"] and "below 1000 dB" in entry["reason"]
+    assert math.isfinite(entry["psnr_db"])
+    assert not (out / "unet" / precisions.INT8_MODEL).exists()
+    assert precisions.INT8_MODEL not in report["components"]["unet"]["files"]
+    with pytest.raises(ExportError, match="holds no int8 programs: image PSNR"):
+        choose_variant(out, precision="int8")
+
+
+def fake_export(folder, timings, shipped=None):
+    """An export folder holding UNet program files and a report with the given estimated request times."""
+    (folder / "unet").mkdir(parents=True)
+    for name in ("inference.json", "model.onnx"):
+        (folder / "unet" / name).write_text("")
+    variants = {}
+    for name, seconds in timings.items():
+        runtime, precision = name.split("-")
+        kept = (shipped or {}).get(name, True)
+        variants[name] = {"runtime": runtime, "precision": precision, "shipped": kept,
+                          "timing": {"estimated_request_s": seconds}}
+        if not kept:
+            variants[name]["reason"] = "image PSNR 12.0 dB against fp32 is below 30 dB"
+    (folder / "export_report.json").write_text(json.dumps({"variants": variants}))
+    return folder
+
+
+def test_the_runtime_runs_the_fastest_variant_it_can(tmp_path, monkeypatch):
+    from export.runtime import choose_variant
+
+    monkeypatch.setattr(precisions, "cpu_flags", lambda: {"avx512_bf16"})
+    times = {"static-fp32": 9.0, "static-bf16": 6.0, "onnx-fp32": 8.0, "onnx-int8": 7.0}
+    out = fake_export(tmp_path / "a", times)
+    assert choose_variant(out) == ("static", "bf16")
+    assert choose_variant(out, runtime="onnx") == ("onnx", "int8")
+    assert choose_variant(out, precision="fp32") == ("onnx", "fp32")
+    assert choose_variant(out, runtime="static", precision="fp32") == ("static", "fp32")
+    # the same export on a CPU without bfloat16: the next fastest
+    monkeypatch.setattr(precisions, "cpu_flags", lambda: {"avx512f"})
+    assert choose_variant(out) == ("onnx", "int8")
+    with pytest.raises(ExportError, match="AVX512-BF16"):
+        choose_variant(out, precision="bf16")
+    # a variant that was not kept is never run
+    out = fake_export(tmp_path / "b", times, shipped={"onnx-int8": False})
+    assert choose_variant(out) == ("onnx", "fp32")
+    with pytest.raises(ExportError, match="below 30 dB"):
+        choose_variant(out, precision="int8")
+    with pytest.raises(ExportError, match="runtime static has no int8"):
+        choose_variant(out, runtime="static", precision="int8")
+    # an export without timings: Paddle Inference fp32
+    out = fake_export(tmp_path / "c", {})
+    assert choose_variant(out) == ("static", "fp32")
+    shutil.rmtree(out / "unet")
+    (out / "unet").mkdir()
+    (out / "unet" / "model.onnx").write_text("")
+    assert choose_variant(out) == ("onnx", "fp32")
+
+
+def test_scheduler_choice(paddle_library, exported):
+    """--scheduler dpmsolver++ swaps in DPM-Solver++ (configured from the library's scheduler), which
+    draws a different image from the same seeds; the default keeps the library's PNDM."""
+    from PIL import Image
+
+    from riffusion.cli import parser
+    from riffusion.pipeline import PromptInput, RiffusionPipeline
+
+    out, _ = exported
+    seed_image = Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8))
+    start, end = PromptInput("jazz", seed=1), PromptInput("rock", seed=2)
+    images = {}
+    for name, cls in (("library", "PNDMScheduler"), ("dpmsolver++", "DPMSolverMultistepScheduler")):
+        pipe = RiffusionPipeline.from_pretrained(str(paddle_library), exported=str(out), scheduler=name)
+        assert type(pipe.pipe.scheduler).__name__ == cls
+        images[name] = np.asarray(pipe.interpolate(start, end, 0.5, seed_image, num_inference_steps=6), dtype=np.float64)
+        assert images[name].shape == (64, 64, 3) and images[name].std() > 0
+    assert pipe.pipe.scheduler.config.algorithm_type == "dpmsolver++"
+    assert pipe.pipe.scheduler.config.beta_schedule == "scaled_linear"  # from the library's config
+    assert np.abs(images["library"] - images["dpmsolver++"]).max() > 0
+    with pytest.raises(ValueError, match="unknown scheduler 'euler'"):
+        RiffusionPipeline.from_pretrained(str(paddle_library), scheduler="euler")
+    args = parser().parse_args(["text-to-audio", "x", "o.wav", "--checkpoint", "c", "--scheduler", "dpmsolver++",
+                                "--precision", "bf16"])
+    assert (args.scheduler, args.precision) == ("dpmsolver++", "bf16")
