@@ -132,8 +132,15 @@ def test_exported_runtimes_interpolate_like_the_dynamic_model(paddle_library, ex
 
 
 def test_default_runtime_is_the_fastest_the_export_holds(paddle_library, exported):
-    from export.runtime import OnnxSession, UNetRuntime
+    """The export timed each runtime on this model; the pipeline runs the faster one."""
+    from export.runtime import OnnxSession, PaddleInferenceSession, UNetRuntime
 
-    folder, _ = exported
-    unet = RiffusionPipeline.from_pretrained(paddle_library, exported=folder).pipe.unet
-    assert isinstance(unet, UNetRuntime) and isinstance(unet.session, OnnxSession)
+    folder, report = exported
+    timings = {name: entry["timing"]["estimated_request_s"] for name, entry in report["variants"].items()}
+    assert set(timings) == {"static-fp32", "onnx-fp32"} and all(seconds > 0 for seconds in timings.values())
+    pipe = RiffusionPipeline.from_pretrained(paddle_library, exported=folder)
+    fastest = min(timings, key=timings.get)
+    assert f"{pipe.runtime}-{pipe.precision}" == fastest
+    unet = pipe.pipe.unet
+    session = {"static-fp32": PaddleInferenceSession, "onnx-fp32": OnnxSession}[fastest]
+    assert isinstance(unet, UNetRuntime) and isinstance(unet.session, session)
