@@ -111,18 +111,6 @@ class Sides:
         runtime, _, precision = backend.partition("-")
         return load_component(self.exported, component, runtime, precision=precision or "fp32")
 
-
-def variant_tolerance(name: str, backend: str, reference) -> tuple[float, str]:
-    """(absolute tolerance, how it was set) for `name` run on `backend`: the fp32 one, or a reduced
-    precision's relative bar times the largest reference value."""
-    from export.precision import RELATIVE_TOLERANCE
-
-    _, _, precision = backend.partition("-")
-    if not precision:
-        return TOLERANCES[name], ""
-    relative = RELATIVE_TOLERANCE[precision]
-    return relative * float(np.max(np.abs(reference))), f", {precision} bar {relative:g} relative"
-
     def torch_model(self, cls, name: str):
         import torch
 
@@ -138,6 +126,18 @@ def variant_tolerance(name: str, backend: str, reference) -> tuple[float, str]:
         model.to(dtype=paddle.float32)
         model.eval()
         return model
+
+
+def variant_tolerance(name: str, backend: str, reference) -> tuple[float, str]:
+    """(absolute tolerance, how it was set) for `name` run on `backend`: the fp32 one, or a reduced
+    precision's relative bar times the largest reference value."""
+    from export.precision import RELATIVE_TOLERANCE
+
+    _, _, precision = backend.partition("-")
+    if not precision:
+        return TOLERANCES[name], ""
+    relative = RELATIVE_TOLERANCE[precision]
+    return relative * float(np.max(np.abs(reference))), f", {precision} bar {relative:g} relative"
 
 
 def quiet_libraries() -> None:

@@ -177,3 +177,23 @@ def test_scheduler_choice(paddle_library, exported):
     args = parser().parse_args(["text-to-audio", "x", "o.wav", "--checkpoint", "c", "--scheduler", "dpmsolver++",
                                 "--precision", "bf16"])
     assert (args.scheduler, args.precision) == ("dpmsolver++", "bf16")
+
+
+def test_parity_holds_each_exported_precision_to_its_bar(torch_repo, paddle_library, reduced):
+    """convert.parity --exported compares the bf16 and int8 programs with torch too, each with its own bar."""
+    from convert.parity import run_parity
+
+    out, _ = reduced
+    checks, _ = run_parity(str(torch_repo), paddle_library, steps=2, exported=out)
+    by_name = {check.name: check for check in checks}
+    names = ["unet[static]", "unet[onnx]", "unet[onnx-int8]"] + (["unet[static-bf16]"] if precisions.supported("bf16") else [])
+    for name in names:
+        check = by_name[name]
+        assert check.passed, check
+        variant = name[len("unet["):-1]
+        if "-" in variant:
+            bar = precisions.RELATIVE_TOLERANCE[variant.split("-")[1]]
+            assert check.max_rel <= bar and check.tolerance > 1e-4 and "relative" in check.detail
+            assert check.max_abs > by_name["unet[static]"].max_abs  # reduced precision does cost something
+        else:
+            assert check.tolerance == 1e-4
