@@ -100,7 +100,8 @@ def build_release(src: str, out: Path, *, revision: str | None = None, repo_id: 
                             "parts": _library_parts(staging)},
                 "single_file": {"file": single.name, "config": single.with_suffix(".yaml").name},
                 "export": {"folder": EXPORT_FOLDER, "components": list(components), "onnx": onnx,
-                           "report": f"{EXPORT_FOLDER}/export_report.json", "signatures": signatures(export_report)},
+                           "report": f"{EXPORT_FOLDER}/export_report.json", "signatures": signatures(export_report),
+                           "variants": variants(export_report)},
                 "seed_images": seed_library,
                 "model_card": CARD_NAME,
             },
@@ -193,6 +194,23 @@ def signatures(export_report: dict) -> dict[str, dict]:
             shape = [names.get(axis, size) for axis, size in enumerate(item["shape"])]
             inputs.append({"name": item["name"], "dtype": item["dtype"], "shape": shape})
         result[component] = {"inputs": inputs, "outputs": entry["outputs"]}
+    return result
+
+
+def variants(export_report: dict) -> dict[str, dict]:
+    """Per runtime and precision the export holds: whether it is kept, its estimated request time and, for
+    bf16/int8, its fidelity against fp32 (image PSNR, audio spectral convergence, per-component errors)."""
+    result = {}
+    for name, entry in export_report.get("variants", {}).items():
+        summary = {key: entry[key] for key in ("runtime", "precision", "shipped", "reason", "psnr_db", "min_psnr_db",
+                                                "spectral_convergence") if key in entry}
+        if "timing" in entry:
+            summary["estimated_request_s"] = entry["timing"]["estimated_request_s"]
+        errors = {component: part["precisions"][name] for component, part in export_report["components"].items()
+                  if name in part.get("precisions", {})}
+        if errors:
+            summary["components"] = errors
+        result[name] = summary
     return result
 
 
