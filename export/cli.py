@@ -31,13 +31,13 @@ def parser() -> argparse.ArgumentParser:
                    "The export itself works at every size")
     p.add_argument("--width", type=int, help="image width in pixels to validate at (a multiple of 8; default 128)")
     p.add_argument("--precision", default="fp32",
-                   help="comma-separated precisions to export and check, of fp32,bf16,int8 (default: fp32; fp32 is "
-                        "always kept as the reference). bf16: the static programs in oneDNN bfloat16 (CPUs with "
+                   help="comma-separated precisions to export and check, of fp32,bf16,int8 (fp32 is always kept as "
+                        "the reference). bf16: the static programs in oneDNN bfloat16 (CPUs with "
                         "AVX512-BF16 or AMX). int8: the ONNX UNet quantized by onnxruntime, calibrated on the "
                         "pipeline's own UNet inputs (implies --onnx); kept only where its image PSNR reaches 30 dB")
     p.add_argument("--fidelity-steps", type=int, default=50,
                    help="steps of the interpolation every variant runs to measure its speed and, for bf16/int8, its "
-                        "image PSNR and audio spectral convergence against fp32 (default: 50, riffusion-app's)")
+                        "image PSNR and audio spectral convergence against fp32 (50 is riffusion-app's default)")
     p.add_argument("--threads", type=int, help="CPU threads for validation runs (default: all cores)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--quiet", action="store_true", help="no progress lines, no converter logs")
