@@ -197,3 +197,21 @@ def test_parity_holds_each_exported_precision_to_its_bar(torch_repo, paddle_libr
             assert check.max_abs > by_name["unet[static]"].max_abs  # reduced precision does cost something
         else:
             assert check.tolerance == 1e-4
+
+
+def test_release_manifest_and_card_carry_the_variants(reduced):
+    """The release manifest's export entry and the model card's table say what each precision costs."""
+    from convert.release.assemble import variants
+    from convert.release.card import precisions_table
+
+    _, report = reduced
+    summary = variants(report)
+    int8 = summary["onnx-int8"]
+    assert int8["psnr_db"] == report["variants"]["onnx-int8"]["psnr_db"] and int8["shipped"]
+    assert int8["components"]["unet"]["max_rel"] == report["components"]["unet"]["precisions"]["onnx-int8"]["max_rel"]
+    assert summary["static-fp32"]["estimated_request_s"] == report["variants"]["static-fp32"]["timing"]["estimated_request_s"]
+    table = precisions_table(summary)
+    assert f"| `onnx-int8` | {int8['estimated_request_s']:.1f} s | {int8['components']['unet']['max_rel']:.1e} | " \
+           f"{int8['psnr_db']:.1f} dB | {int8['spectral_convergence']:.4f} | yes |" in table
+    assert "| `static-fp32` |" in table and "reference" in table
+    assert precisions_table({}) == ""

@@ -49,6 +49,7 @@ def render_card(manifest: dict, template=TEMPLATE) -> str:
         "signatures_table": signatures_table(export["signatures"], export["onnx"]),
         "parity_intro": _parity_intro(library_checked, export["onnx"]),
         "parity_table": parity_table(manifest["parity"]),
+        "precisions_table": precisions_table(export.get("variants", {})),
         "versions_table": _table(["package", "version"], [[name, f"`{v}`"] for name, v in manifest["versions"].items()]),
     }
     try:
@@ -187,6 +188,26 @@ def parity_table(parity: dict) -> str:
         rows.append([f"`{check['component']}[{check['runtime']}]`", f"{RUNTIME_NAMES[check['runtime']]} vs Paddle dynamic",
                      check["detail"], _error(check["max_abs"]), _tolerance(check["tolerance"]), _result(check["passed"])])
     return _table(["check", "compared", "what", "max abs error", "tolerance", "result"], rows)
+
+
+def precisions_table(variants: dict) -> str:
+    """The runtimes and precisions the export was timed in (the runtime runs the fastest kept one), with
+    what bf16/int8 cost against fp32; empty when the export holds one variant only."""
+    if not variants:
+        return ""
+    rows = []
+    for name, entry in variants.items():
+        errors = entry.get("components", {})
+        worst = max((part["max_rel"] for part in errors.values()), default=None)
+        rows.append([f"`{name}`", f"{entry['estimated_request_s']:.1f} s" if "estimated_request_s" in entry else "-",
+                     f"{worst:.1e}" if worst is not None else "-",
+                     f"{entry['psnr_db']:.1f} dB" if "psnr_db" in entry else "reference" if name == "static-fp32" else "-",
+                     f"{entry['spectral_convergence']:.4f}" if "spectral_convergence" in entry else "-",
+                     "yes" if entry["shipped"] else f"no: {entry.get('reason', '')}"])
+    return ("Runtimes and precisions, each timed on one riffusion-app request when exported and compared with "
+            "static fp32 from the same seeds:\n\n" + _table(
+                ["variant", "request (estimated)", "max relative error", "image PSNR", "audio spectral convergence",
+                 "kept"], rows))
 
 
 def _source(source: dict) -> str:
