@@ -24,8 +24,9 @@ def music_commands() -> list[list[str]]:
 def test_the_readme_music_commands_run(release, tmp_path):
     commands = music_commands()
     assert [command[3] for command in commands] == ["text-to-audio", "interpolate", "audio-to-image"]
-    soundfile.write(tmp_path / "song.wav", synth.drum_loop(), synth.SAMPLE_RATE)
-    faster = {"text-to-audio": ["--steps", "2", "--width", "64"], "interpolate": ["--steps", "2"]}
+    soundfile.write(tmp_path / "song.wav", synth.drum_loop().T, synth.SAMPLE_RATE)  # (channels, samples) -> frames
+    faster = {"text-to-audio": ["--steps", "2", "--width", "64", "--runtime", "static"],
+              "interpolate": ["--steps", "2", "--runtime", "static"]}
     for command in commands:
         args = [str(release) if arg == "riffusion-paddle" else arg for arg in command[1:]]
         result = subprocess.run([sys.executable, *args, *faster.get(command[3], [])], capture_output=True, text=True,
