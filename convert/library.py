@@ -21,7 +21,7 @@ from convert.hashing import Hasher
 from convert.ldm import SingleFileSource
 from riffusion.files import atomic_folder, check_apart, check_destination, copy_plain, is_present, model_root, read_json
 from convert.source import part_folder, resolve, weight_files
-from convert.target import expected_tensors
+from convert.target import check_scale, expected_tensors
 from convert.tensorfile import SourceTensor, TensorFile
 from convert.writer import StreamingSafetensorsWriter
 
@@ -104,6 +104,7 @@ def plan_part(name: str, part: Part, config_path: Path, files: list[TensorFile],
               root: Path | None = None) -> PartPlan:
     """Map every source tensor of one part onto the Paddle model, or fail naming the tensor."""
     config = read_json(config_path, model_root(config_path.parent.parent) if root is None else root)
+    check_scale(config, len(tensors), sum(_numel(tensor.shape) for tensor in tensors), str(config_path))
     expected = expected_tensors(part, config, str(config_path))
     plan = PartPlan(name, part, config, files)
     sources: dict[str, str] = {}
@@ -176,9 +177,11 @@ def convert_library(src: str, out: Path, dtype: str = "float32", overwrite: bool
                 files, tensors = folder_tensors(part_folder(folder / name, root), part, root)
                 plans.append(plan_part(name, part, config_path, files, tensors, root))
                 continue
+            part_config = read_json(config_path, root)
+            check_scale(part_config, len(single.file.shapes), sum(map(_numel, single.file.shapes.values())),
+                        str(config_path))
             try:
-                plans.append(plan_part(name, part, config_path, [single.file],
-                                       single.tensors(name, read_json(config_path, root)), root))
+                plans.append(plan_part(name, part, config_path, [single.file], single.tensors(name, part_config), root))
             except ConversionError as error:
                 if config:
                     raise

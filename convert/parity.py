@@ -179,11 +179,15 @@ def run_parity(torch_src: str, paddle_dir: Path, steps: int = 3, latent_size: in
     if (sides.paddle_folder / "safety_checker").is_dir():
         parts.append(("safety checker", _safety_checker_checks))
     parts.append((f"pipeline, {steps} steps", lambda sides: _pipeline_checks(sides, latent, steps)))
-    with torch.no_grad(), paddle.no_grad():
-        for number, (what, run) in enumerate(parts, 1):
-            if progress:
-                print(f"parity [{number}/{len(parts)}]: {what}", file=sys.stderr, flush=True)
-            checks += run(sides)
+    try:
+        with torch.no_grad(), paddle.no_grad():
+            for number, (what, run) in enumerate(parts, 1):
+                if progress:
+                    print(f"parity [{number}/{len(parts)}]: {what}", file=sys.stderr, flush=True)
+                checks += run(sides)
+    except OSError as error:  # what diffusers, transformers and ppdiffusers raise for a model they cannot load
+        reason = " ".join(str(error).split())[:300]
+        raise ConversionError(f"parity: a model could not be loaded: {reason}") from None
     return checks, settings
 
 

@@ -10,7 +10,6 @@ original model config beside it as FILE's stem + `.yaml` (what from_single_file 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,8 +23,9 @@ from convert.errors import ConversionError
 from riffusion.errors import InputError
 from convert.ldm import TEXT_PREFIX, NameMap, is_vae_attention_weight, original_config, unet_blocks, vae_blocks
 from convert.library import DTYPES, Move, folder_tensors, plan_part
-from convert.source import resolve
-from riffusion.files import check_apart, read_json
+from convert.source import part_folder, resolve
+from riffusion.files import (check_apart, interrupted_by_sigterm, model_root, os_errors_as_input_errors, plain_file,
+                             read_json, staging_path)
 from convert.tensorfile import SourceTensor, TensorFile
 from convert.writer import StreamingSafetensorsWriter
 from riffusion.console import HelpFormatter, add_version, quiet_third_party
@@ -41,11 +41,12 @@ def plan(folder: Path) -> tuple[list[tuple[str, Move]], list[TensorFile], dict]:
     """(LDM name, move) for every tensor of the three parts, sorted by LDM name; fails naming any
     tensor that is unknown, misshapen or missing."""
     paddle = is_paddle_library(folder)
+    root = model_root(folder)
     entries, files, dropped = [], [], {}
     for name, part in PARTS.items():
-        config_path = folder / name / part.config_file
+        config_path = part_folder(folder / name, root) / part.config_file
         if paddle:
-            part_files = [TensorFile(folder / name / part.paddle_weights)]
+            part_files = [TensorFile(plain_file(folder / name / part.paddle_weights, root))]
             tensors = [SourceTensor(f, key, key, paddle_layout=True) for f in part_files for key in f.shapes]
         else:
             part_files, tensors = folder_tensors(folder / name, part)
@@ -82,47 +83,61 @@ def write_single_file(src: str, out: Path, dtype: str = "float32", overwrite: bo
                       global_step: int = 0) -> dict:
     started = time.perf_counter()
     out = Path(out)
+    yaml_path = out.with_suffix(".yaml")
     if out.suffix not in (".safetensors", ".ckpt"):
         raise ConversionError(f"{out}: the output must end in .safetensors or .ckpt")
-    if out.exists() and not overwrite:
-        raise ConversionError(f"{out}: exists (pass --overwrite to replace it)")
+    for path in (out, yaml_path):  # the config beside the file is an output too
+        if (path.exists() or path.is_symlink()) and not overwrite:
+            raise ConversionError(f"{path}: exists (pass --overwrite to replace it)")
+        if path.is_dir():
+            raise ConversionError(f"{path}: a folder, not a file")
     folder = resolve(src)
     check_apart(out, folder)
     entries, files, dropped = plan(folder)
     target = DTYPES[dtype]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    yaml_path = out.with_suffix(".yaml")
-    configs = {name: read_json(folder / name / "config.json") for name in ("unet", "vae")}
-    scheduler = read_json(folder / "scheduler" / "scheduler_config.json")
-    try:
-        with tqdm(total=len(entries), unit="tensor", desc="single file", disable=quiet) as progress:
-            if out.suffix == ".safetensors":
-                layout = [(name, torch.empty((), dtype=target).numpy().dtype, out_shape(move, name)) for name, move in entries]
-                writer = StreamingSafetensorsWriter(staging, layout, {"format": "pt"})
-                try:
+    root = model_root(folder)
+    configs = {name: read_json(folder / name / "config.json", root) for name in ("unet", "vae")}
+    scheduler = read_json(folder / "scheduler" / "scheduler_config.json", root)
+    with interrupted_by_sigterm(), os_errors_as_input_errors(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = staging_path(out)
+        yaml_staging = staging_path(yaml_path)
+        yaml_written = False
+        try:
+            with tqdm(total=len(entries), unit="tensor", desc="single file", disable=quiet) as progress:
+                if out.suffix == ".safetensors":
+                    layout = [(name, torch.empty((), dtype=target).numpy().dtype, out_shape(move, name)) for name, move in entries]
+                    writer = StreamingSafetensorsWriter(staging, layout, {"format": "pt"})
+                    try:
+                        for name, move in entries:
+                            writer.write(name, torch_layout(move, name, target).numpy())
+                            progress.update()
+                    except BaseException:
+                        writer.abort()
+                        raise
+                    writer.close()
+                else:
+                    state = {}
                     for name, move in entries:
-                        writer.write(name, torch_layout(move, name, target).numpy())
+                        state[name] = torch_layout(move, name, target).clone()
                         progress.update()
-                except BaseException:
-                    writer.abort()
-                    raise
-                writer.close()
-            else:
-                state = {}
-                for name, move in entries:
-                    state[name] = torch_layout(move, name, target).clone()
-                    progress.update()
-                torch.save({"state_dict": state, "global_step": global_step}, staging)
-        yaml_path.write_text(yaml.safe_dump(original_config(configs["unet"], configs["vae"], scheduler), sort_keys=False))
-        staging.replace(out)
-    except BaseException:
-        staging.unlink(missing_ok=True)
-        yaml_path.unlink(missing_ok=True)
-        raise
-    finally:
-        for file in files:
-            file.close()
+                    torch.save({"state_dict": state, "global_step": global_step}, staging)
+            yaml_staging.write_text(yaml.safe_dump(original_config(configs["unet"], configs["vae"], scheduler), sort_keys=False))
+            for path in (out, yaml_path):  # written meanwhile by another process: not replaced
+                if (path.exists() or path.is_symlink()) and not overwrite:
+                    raise ConversionError(f"{path}: appeared while writing (pass --overwrite to replace it)")
+            yaml_staging.replace(yaml_path)
+            yaml_written = True
+            staging.replace(out)
+        except BaseException:
+            staging.unlink(missing_ok=True)
+            yaml_staging.unlink(missing_ok=True)
+            if yaml_written:  # only ever a yaml this run wrote
+                yaml_path.unlink(missing_ok=True)
+            raise
+        finally:
+            for file in files:
+                file.close()
     return {"source": str(src), "kind": "paddle library" if is_paddle_library(folder) else "torch repo",
             "tensors": len(entries), "dropped": dropped, "bytes": out.stat().st_size,
             "seconds": round(time.perf_counter() - started, 3)}

@@ -27,6 +27,20 @@ WEIGHT_FILES = {
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
+def hub_id_problem(text: str) -> str | None:
+    """Why `text` is not a Hub model id ORG/NAME, by the Hub's own rules (huggingface_hub's validator:
+    no '--' or '..', no leading or trailing '-' or '.', no '.git' ending, at most 96 characters); None if it is."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not HUB_ID.match(text):
+        return "expected ORG/NAME"
+    try:
+        validate_repo_id(text)
+    except HFValidationError as error:
+        return re.sub(r":\s*'.*'\.?$", "", str(error).strip())
+    return None
+
+
 def resolve(src: str, revision: str | None = None) -> Path:
     """A local folder holding model_index.json, downloading `src` from the Hub if it is a repo id."""
     path = Path(src)
@@ -39,6 +53,9 @@ def resolve(src: str, revision: str | None = None) -> Path:
         raise ConversionError(f"{path}: not a folder")
     if not HUB_ID.match(src):
         raise ConversionError(f"{src}: no such folder, and not a Hub repo id (owner/name)")
+    problem = hub_id_problem(src)
+    if problem:
+        raise ConversionError(f"{src}: no such folder, and not a valid Hub repo id ({problem})")
     return _download(src, revision)
 
 

@@ -19,6 +19,39 @@ class Expected:
     linear_weight: bool  # stored [in, out] in Paddle: a torch [out, in] tensor is transposed
 
 
+# Config values that size a weight (at most the numbers all weight files hold) or count layers and blocks
+# (at most the tensors they hold): a config is a file anyone can edit, and an absurd one would otherwise
+# have the model built for minutes or fail deep inside Paddle.
+SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "max_position_embeddings", "projection_dim",
+             "cross_attention_dim", "in_channels", "out_channels", "latent_channels", "norm_num_groups",
+             "num_attention_heads", "attention_head_dim", "block_out_channels")
+DEPTH_KEYS = ("layers_per_block", "num_hidden_layers", "transformer_layers_per_block")
+
+
+def check_scale(config: dict, tensors: int, numbers: int, where: str) -> None:
+    """Refuse, before building anything, a config describing more than weights of `tensors` tensors holding
+    `numbers` numbers in all can hold."""
+    def values(value) -> list:
+        return value if isinstance(value, list) else [value]
+
+    def refuse(key, value, bound, what):
+        raise ConversionError(f"{where}: {key} {value} is more than the weight files can hold ({bound} {what} in all)")
+
+    for key, value in config.items():
+        if isinstance(value, list) and len(value) > tensors:
+            refuse(key, f"(a list of {len(value)})", tensors, "tensors")
+    for key in SIZE_KEYS:
+        for value in values(config.get(key)):
+            if isinstance(value, int) and value > numbers:
+                refuse(key, value, numbers, "numbers")
+    levels = max(1, len(config.get("block_out_channels") or []))
+    for scope in [config] + [value for value in config.values() if isinstance(value, dict)]:
+        for key in DEPTH_KEYS:
+            for value in values(scope.get(key)):
+                if isinstance(value, int) and value * levels > tensors:
+                    refuse(key, value if levels == 1 else f"{value} (x {levels} levels)", tensors, "tensors")
+
+
 def expected_tensors(part: Part, config: dict, where: str) -> dict[str, Expected]:
     import paddle
     from paddlenlp.transformers.model_utils import no_init_weights
@@ -26,7 +59,7 @@ def expected_tensors(part: Part, config: dict, where: str) -> dict[str, Expected
     try:
         with paddle.LazyGuard(), no_init_weights():  # paddlenlp would fill lazy tensors otherwise
             model = _build(part, config)
-    except (TypeError, ValueError, KeyError, AssertionError) as error:
+    except (TypeError, ValueError, KeyError, AssertionError, IndexError, OverflowError) as error:
         raise ConversionError(f"{where}: config does not describe a valid {part.paddle_class}: {error}") from None
     linear = {f"{name}.weight" for name, layer in model.named_sublayers() if isinstance(layer, paddle.nn.Linear)}
     return {

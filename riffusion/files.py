@@ -10,10 +10,15 @@ is refused with one line naming it; nothing is ever read from it, so no outside 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import re
 import shutil
+import signal
 import stat
+import sys
+import threading
 from pathlib import Path
 
 from riffusion.errors import InputError
@@ -95,22 +100,93 @@ def check_apart(out: Path, *sources: Path) -> None:
             raise InputError(f"{out}: the output overlaps the source {source}")
 
 
+STAGING = re.compile(r"\.(partial|replaced|work)-(\d+)(-.*)?$")
+
+
+def staging_path(out: Path) -> Path:
+    """Where this process builds `out` (beside it, so the final rename is atomic). Staging left beside `out`
+    by processes that died (SIGKILL, power loss) is removed and reported; while a live process is
+    writing `out`, this one is refused rather than racing it."""
+    out = Path(out).absolute()
+    prefix = f".{out.name}."
+    for path in out.parent.glob(glob.escape(prefix) + "*-*") if out.parent.is_dir() else ():
+        match = STAGING.match(path.name[len(prefix) - 1:])
+        if not path.name.startswith(prefix) or not match:
+            continue
+        pid = int(match.group(2))
+        if pid != os.getpid() and _alive(pid):
+            raise InputError(f"{out}: another process (pid {pid}) is writing it now ({path.name}); wait for it, "
+                             f"or remove {path} if that process is not a conversion")
+        _remove(path)
+        if pid != os.getpid():
+            print(f"removed {path}: left by process {pid}, which is no longer running", file=sys.stderr)
+    return out.parent / f"{prefix}partial-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def interrupted_by_sigterm():
+    """Inside the block SIGTERM raises KeyboardInterrupt, like Ctrl-C, so that the cleanup of a failed
+    write runs (a plain SIGTERM would end the process on the spot, leaving staging behind)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def atomic_folder(out: Path, overwrite: bool):
-    """Yield a temporary folder beside `out`; on success it replaces `out`, on failure it is removed."""
+    """Yield a temporary folder beside `out`; on success it replaces `out`, on failure (SIGTERM included) it
+    is removed. `out` is checked again just before the rename: one written meanwhile is not replaced
+    without `overwrite`. An OS error (disk full, read-only destination) becomes one InputError line."""
     out = Path(out).absolute()
     check_destination(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    with interrupted_by_sigterm(), os_errors_as_input_errors(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = staging_path(out)
+        staging.mkdir()
+        try:
+            yield staging
+            check_destination(out, overwrite)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        replaced = out.parent / f".{out.name}.replaced-{os.getpid()}"
+        if out.exists():
+            out.rename(replaced)
+        staging.rename(out)
+        shutil.rmtree(replaced, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def os_errors_as_input_errors(out: Path):
+    """An OSError inside the block (ENOSPC, EROFS, EACCES...) as one line naming the file and the reason."""
     try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    replaced = out.parent / f".{out.name}.replaced-{os.getpid()}"
-    if out.exists():
-        out.rename(replaced)
-    staging.rename(out)
-    shutil.rmtree(replaced, ignore_errors=True)
+        yield
+    except OSError as error:
+        where = error.filename if error.filename is not None else out
+        raise InputError(f"{where}: {error.strerror or error}") from None

@@ -330,3 +330,132 @@ def test_a_ckpt_with_a_short_record_is_refused(tmp_path, capsys):
             archive.writestr(name, data[:-8] if name.endswith("/data/3") else data)
     error = convert_fails(ckpt, tmp_path, capsys)
     assert f"{ckpt}: tensor '" in error and "/data/3 holds" in error
+
+
+def edit_json(path, edit):
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("part, key, value", [("unet", "layers_per_block", 10**5), ("vae", "layers_per_block", 10**9),
+                                              ("text_encoder", "num_hidden_layers", 10**6),
+                                              ("text_encoder", "vocab_size", 10**12),
+                                              ("unet", "block_out_channels", [32] * 10**4)])
+def test_an_absurd_config_is_refused_before_building_the_model(repo_copy, tmp_path, capsys, part, key, value):
+    """The weight files bound what a config may describe: refused at once, naming the value."""
+    import time
+
+    edit_json(repo_copy / part / "config.json", lambda config: config.__setitem__(key, value))
+    started = time.perf_counter()
+    error = convert_fails(repo_copy, tmp_path, capsys)
+    assert time.perf_counter() - started < 20
+    assert f"{repo_copy / part / 'config.json'}: {key} " in error and "is more than the weight files can hold" in error
+
+
+def test_an_absurd_config_for_a_single_file_source_is_refused(tmp_path, capsys):
+    from convert.builtin import build
+    from convert.single_file import write_single_file
+
+    repo = build(tmp_path / "repo", size="tiny")
+    single = tmp_path / "model.safetensors"
+    write_single_file(str(repo), single, quiet=True)
+    edit_json(repo / "unet" / "config.json", lambda config: config.__setitem__("layers_per_block", 10**7))
+    assert main(["--src", str(single), "--config", str(repo), "--out", str(tmp_path / "out"), "--quiet"]) == 1
+    assert "layers_per_block 10000000 (x 4 levels) is more than the weight files can hold" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda index: index.__setitem__("unet", "diffusers"), "entry 'unet' should be [library, class]"),
+    (lambda index: index.__setitem__("tokenizer", ["transformers", 5]), "entry 'tokenizer' should be [library, class]"),
+    (lambda index: index.__setitem__("scheduler", [["diffusers"], "PNDMScheduler"]), "entry 'scheduler' should be"),
+    (lambda index: index.__setitem__("_class_name", ["StableDiffusionPipeline"]), "unknown model type"),
+    (lambda index: index.__setitem__("scheduler", ["diffusers", "StableDiffusionPipeline"]),
+     "scheduler diffusers.StableDiffusionPipeline is not a scheduler class"),
+])
+def test_model_index_entries_of_the_wrong_type(repo_copy, tmp_path, capsys, edit, expected):
+    edit_json(repo_copy / "model_index.json", edit)
+    assert expected in convert_fails(repo_copy, tmp_path, capsys)
+
+
+def test_deeply_nested_json_is_one_line(repo_copy, tmp_path, capsys):
+    (repo_copy / "unet" / "config.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert f"{repo_copy / 'unet' / 'config.json'}: not a config (JSON nested too deeply)" in convert_fails(repo_copy, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("repo_id", ["org/--name", "org/name.git", "org/name-", "org/na..me"])
+def test_hub_ids_are_validated_as_the_hub_does(tmp_path, capsys, repo_id):
+    """Both convert --src and convert.publish --repo-id refuse what the Hub would refuse."""
+    from convert.publish import main as publish_main
+
+    assert f"{repo_id}: no such folder, and not a valid Hub repo id" in convert_fails(repo_id, tmp_path, capsys)
+    (tmp_path / "release").mkdir()
+    assert publish_main(["--folder", str(tmp_path / "release"), "--repo-id", repo_id, "--dry-run"]) == 1
+    assert f"--repo-id {repo_id!r}: not a valid Hub repo id" in capsys.readouterr().err
+
+
+def test_a_model_that_fails_to_load_during_parity_is_one_line(repo_copy, tmp_path, capsys, monkeypatch):
+    """diffusers/transformers raise OSError for a model they cannot load (here: the torch tokenizer)."""
+    import transformers
+
+    def unreadable(*args, **kwargs):
+        raise OSError("Can't load tokenizer for '/x'. If you were trying to load it from 'https://huggingface.co'...")
+
+    monkeypatch.setattr(transformers.CLIPTokenizer, "from_pretrained", unreadable)
+    assert "parity: a model could not be loaded: Can't load tokenizer" in convert_fails(repo_copy, tmp_path, capsys)
+
+
+def test_single_file_keeps_a_yaml_it_did_not_write(torch_repo, tmp_path, capsys):
+    """--out FILE also writes FILE's .yaml: an existing one is refused like the file (and left alone)."""
+    from convert.single_file import main as single_main
+
+    out = tmp_path / "model.safetensors"
+    (tmp_path / "model.yaml").write_text("mine")
+    assert single_main(["--src", str(torch_repo), "--out", str(out), "--quiet"]) == 1
+    assert f"{tmp_path / 'model.yaml'}: exists (pass --overwrite to replace it)" in capsys.readouterr().err
+    assert (tmp_path / "model.yaml").read_text() == "mine" and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.yaml"]
+    assert single_main(["--src", str(torch_repo), "--out", str(out), "--quiet", "--overwrite"]) == 0
+    assert "model:" in (tmp_path / "model.yaml").read_text() and out.is_file()
+
+
+def hub_cache_snapshot(repo, cache):
+    """`repo` laid out as huggingface_hub caches it: snapshots/<commit>/... links into ../../blobs/."""
+    snapshot = cache / "models--org--tiny" / "snapshots" / "0123abcd"
+    blobs = cache / "models--org--tiny" / "blobs"
+    blobs.mkdir(parents=True)
+    for path in sorted(repo.rglob("*")):
+        if path.is_file():
+            relative = path.relative_to(repo)
+            blob = blobs / "-".join(relative.parts)
+            path.rename(blob)
+            link = snapshot / relative
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
+    return snapshot
+
+
+def test_a_hub_cache_snapshot_reads_its_blobs_but_nothing_outside_the_cached_repo(repo_copy, tmp_path, capsys, secret):
+    from convert.library import convert_library
+
+    snapshot = hub_cache_snapshot(repo_copy, tmp_path / "hub")
+    convert_library(str(snapshot), tmp_path / "ok", quiet=True)
+    assert (tmp_path / "ok" / "unet" / "diffusion_paddle_model.safetensors").is_file()
+    vocab = snapshot / "tokenizer" / "vocab.json"
+    vocab.unlink()
+    vocab.symlink_to(secret)
+    assert f"{vocab}: leads outside {(tmp_path / 'hub' / 'models--org--tiny').resolve()}" in \
+        convert_fails(snapshot, tmp_path, capsys)
+
+
+def test_single_file_from_a_library_refuses_a_weight_linking_outside(paddle_library, tmp_path, capsys):
+    import shutil
+
+    from convert.single_file import main as single_main
+
+    library = shutil.copytree(paddle_library, tmp_path / "library")
+    weights = library / "vae" / "diffusion_paddle_model.safetensors"
+    weights.rename(tmp_path / "outside.safetensors")
+    weights.symlink_to(tmp_path / "outside.safetensors")
+    assert single_main(["--src", str(library), "--out", str(tmp_path / "model.safetensors"), "--quiet"]) == 1
+    assert f"{weights}: leads outside {library.resolve()}" in capsys.readouterr().err

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import shutil
 import sys
@@ -60,7 +61,7 @@ def build_release(src: str, out: Path, *, revision: str | None = None, repo_id: 
     stem = source_name(src)
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
     with atomic_folder(out, overwrite) as staging, \
-            tempfile.TemporaryDirectory(dir=out.absolute().parent, prefix=f".{out.name}.work-") as work:
+            tempfile.TemporaryDirectory(dir=out.absolute().parent, prefix=f".{out.name}.work-{os.getpid()}-") as work:
         work = Path(work)
         _step(quiet, "library")
         report = convert_library(src if single_source else str(source_folder), staging, dtype=dtype, overwrite=True,

@@ -16,7 +16,7 @@ from pathlib import Path
 from convert.errors import ConversionError
 from riffusion.errors import InputError
 from convert.release.manifest import MANIFEST_NAME, read_manifest
-from convert.source import HUB_ID, hub_unreachable
+from convert.source import hub_id_problem, hub_unreachable
 from convert.release.verify import verify_release
 from riffusion.console import HelpFormatter, add_version, quiet_third_party
 
@@ -25,8 +25,9 @@ def publish(folder: Path, repo_id: str, revision: str | None = None, private: bo
             dry_run: bool = False) -> list[str]:
     """Verify `folder`, then upload it to `repo_id`; returns the uploaded file names."""
     folder = Path(folder)
-    if not HUB_ID.match(repo_id):
-        raise ConversionError(f"--repo-id {repo_id!r}: expected ORG/NAME")
+    problem = hub_id_problem(repo_id)
+    if problem:
+        raise ConversionError(f"--repo-id {repo_id!r}: not a valid Hub repo id ({problem})")
     verdict = verify_release(folder, quiet=True)
     if not verdict["passed"]:
         problems = [f"{kind} {', '.join(names)}" for kind, names in verdict["files"].items()
