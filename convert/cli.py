@@ -56,9 +56,13 @@ def _library(args) -> int:
         single_file = Path(args.src).is_file()
         if args.revision and not single_file:
             args.src = str(resolve(args.src, args.revision))
-        if single_file and not args.no_check:
-            print("parity: not run for a single-file source; compare against its diffusers repo with convert.parity")
-        if not args.no_check and not single_file:
+        if single_file and not args.no_check and (args.ema or _paddle_configs(args.config)):
+            print("parity: not run (diffusers' single-file reader takes neither --ema nor ppdiffusers configs)")
+        elif single_file and not args.no_check:
+            from convert.parity import check_single_file_during_conversion
+
+            check = check_single_file_during_conversion(args.src, args.config)
+        elif not args.no_check:
             from convert.parity import check_during_conversion
 
             check = check_during_conversion(args.src, quiet=args.quiet)
@@ -70,6 +74,13 @@ def _library(args) -> int:
     parts = ", ".join(f"{name} {part['mapped']} tensors" for name, part in report["parts"].items())
     print(f"wrote {args.out} ({parts}; {report['seconds']:.1f} s)")
     return 0
+
+
+def _paddle_configs(config: str | None) -> bool:
+    """Whether --config names a converted (ppdiffusers) library rather than torch diffusers configs."""
+    from convert.single_file import is_paddle_library
+
+    return config is not None and Path(config).is_dir() and is_paddle_library(Path(config))
 
 
 def _release(args) -> int:

@@ -19,7 +19,8 @@ from convert.components import PARTS, PIPELINES, SCHEDULER_CONFIG, Part
 from convert.errors import ConversionError
 from convert.hashing import Hasher
 from convert.ldm import SingleFileSource
-from riffusion.files import atomic_folder, check_apart, check_destination, copy_plain, is_present, model_root, read_json
+from riffusion.files import (atomic_folder, check_apart, check_destination, copy_plain, is_present, model_root, plain_file,
+                             read_json)
 from convert.source import part_folder, resolve, weight_files
 from convert.target import check_scale, expected_tensors
 from convert.tensorfile import SourceTensor, TensorFile
@@ -156,6 +157,7 @@ def convert_library(src: str, out: Path, dtype: str = "float32", overwrite: bool
             if config:
                 folder = resolve(config)
             elif original.is_file():  # written beside it by convert.single_file, as WebUI tools keep it
+                plain_file(original, Path(src).resolve().parent)
                 folder = _configs_from_original(stack, original, single)
             else:
                 folder = _builtin_configs(stack)

@@ -20,6 +20,7 @@ import argparse
 import gc
 import json
 import sys
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -398,6 +399,52 @@ def check_during_conversion(torch_src: str, quiet: bool = False):
         report["parity"] = required_parity(torch_src, staging)
 
     return check
+
+
+def check_single_file_during_conversion(single: str, config: str | None):
+    """The parity hook for a single-file source: the torch side is what diffusers' own reader
+    (from_single_file, code independent of ours) makes of the same file with the same configs. Where
+    diffusers cannot read the file (layouts only this converter reads), parity is reported as not run."""
+
+    def check(staging: Path, report: dict) -> None:
+        with tempfile.TemporaryDirectory(prefix=".single-file-reference-", dir=staging.parent) as work:
+            reference, reason = single_file_reference(Path(single), config, Path(work))
+            if reference is None:
+                print(f"parity: not run, diffusers cannot read {single} ({reason})")
+                report["parity"] = {"ran": False, "reason": f"diffusers cannot read the file: {reason}"}
+                return
+            report["parity"] = required_parity(str(reference), staging)
+            report["parity"]["torch_reference"] = "diffusers StableDiffusionPipeline.from_single_file"
+
+    return check
+
+
+def single_file_reference(single: Path, config: str | None, work: Path) -> tuple[Path | None, str]:
+    """A torch diffusers folder in `work` read from the single file by diffusers, with the configs the
+    converter used: `config` (a diffusers folder or Hub id), else FILE.yaml beside it, else the built-in SD
+    v1 ones; (None, why) if diffusers cannot."""
+    from diffusers import StableDiffusionPipeline
+
+    from convert.source import resolve
+
+    original = single.with_suffix(".yaml")
+    if config is not None:
+        configs = {"config": str(resolve(config))}
+    elif original.is_file():  # the converter read its configs from FILE.yaml: so does diffusers
+        configs = {"original_config": str(original)}
+    else:
+        from convert.builtin import write_configs
+
+        write_configs(work / "configs", "full", safety_checker=False)
+        configs = {"config": str(work / "configs")}
+    quiet_libraries()
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(str(single), local_files_only=True, safety_checker=None,
+                                                        requires_safety_checker=False, **configs)
+    except Exception as error:  # diffusers' reader raises its own kinds (SingleFileComponentError...) as well
+        return None, " ".join(str(error).split())[:200]
+    pipe.save_pretrained(work / "reference")
+    return work / "reference", ""
 
 
 def required_parity(torch_src: str, paddle_dir: Path, exported: Path | None = None, show: bool = True) -> dict:

@@ -165,6 +165,14 @@ class _TensorRecord:
     stride: tuple[int, ...]
 
 
+# torch's storage classes as the pickle names them (their .dtype would warn that TypedStorage is deprecated)
+_STORAGE_ELEMENT_SIZES = {
+    "UntypedStorage": 1, "ByteStorage": 1, "CharStorage": 1, "BoolStorage": 1, "ShortStorage": 2, "HalfStorage": 2,
+    "BFloat16Storage": 2, "IntStorage": 4, "FloatStorage": 4, "LongStorage": 8, "DoubleStorage": 8,
+    "ComplexFloatStorage": 8, "ComplexDoubleStorage": 16,
+}
+
+
 class _RecordReader(pickle.Unpickler):
     """Reads a torch zip pickle (already accepted by torch's weights-only loader) into _TensorRecords:
     which storage record each tensor uses, where in it, and the storage's declared size. No global the
@@ -183,8 +191,9 @@ class _RecordReader(pickle.Unpickler):
 
     def persistent_load(self, saved_id):
         kind, storage_type, key, _location, numel = saved_id
-        dtype = getattr(torch, storage_type).dtype if storage_type != "UntypedStorage" else torch.uint8
-        size = torch.empty((), dtype=dtype).element_size()
+        size = _STORAGE_ELEMENT_SIZES.get(storage_type)
+        if size is None:
+            raise pickle.UnpicklingError(f"unknown storage type {storage_type!r}")
         return _Storage(str(key), int(numel) * size, size)
 
 
