@@ -45,7 +45,10 @@ def plain_file(path: Path, root: Path) -> Path:
     root = Path(root).resolve()
     if not os.path.lexists(path):
         raise InputError(f"{path}: missing")
-    real = path.resolve()
+    try:
+        real = path.resolve()
+    except RuntimeError:  # Python < 3.13 on a loop of links
+        raise InputError(f"{path}: a loop of links") from None
     if real != root and root not in real.parents:
         raise InputError(f"{path}: leads outside {root} (to {real}); refusing to read it")
     try:
@@ -65,9 +68,7 @@ def copy_plain(path: Path, root: Path, target: Path) -> None:
 def read_json(path: Path, root: Path | None = None) -> dict:
     """A JSON object from a regular file (inside `root` when given) of at most MAX_JSON_BYTES."""
     path = Path(path)
-    if not os.path.lexists(path):
-        raise InputError(f"{path}: missing")
-    plain_file(path, root if root is not None else path.resolve().parent)
+    plain_file(path, root if root is not None else Path(os.path.realpath(path)).parent)
     if path.stat().st_size > MAX_JSON_BYTES:
         raise InputError(f"{path}: {path.stat().st_size} bytes, more than any config ({MAX_JSON_BYTES} at most)")
     try:

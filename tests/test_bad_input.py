@@ -459,3 +459,11 @@ def test_single_file_from_a_library_refuses_a_weight_linking_outside(paddle_libr
     weights.symlink_to(tmp_path / "outside.safetensors")
     assert single_main(["--src", str(library), "--out", str(tmp_path / "model.safetensors"), "--quiet"]) == 1
     assert f"{weights}: leads outside {library.resolve()}" in capsys.readouterr().err
+
+
+def test_a_loop_of_links_in_the_source_is_named(repo_copy, tmp_path, capsys):
+    config = repo_copy / "unet" / "config.json"
+    config.unlink()
+    config.symlink_to(repo_copy / "unet" / "other.json")
+    (repo_copy / "unet" / "other.json").symlink_to(config)
+    assert f"{config}: a loop of links" in convert_fails(repo_copy, tmp_path, capsys)
