@@ -402,7 +402,10 @@ def test_a_model_that_fails_to_load_during_parity_is_one_line(repo_copy, tmp_pat
         raise OSError("Can't load tokenizer for '/x'. If you were trying to load it from 'https://huggingface.co'...")
 
     monkeypatch.setattr(transformers.CLIPTokenizer, "from_pretrained", unreadable)
-    assert "parity: a model could not be loaded: Can't load tokenizer" in convert_fails(repo_copy, tmp_path, capsys)
+    assert main(["--src", str(repo_copy), "--out", str(tmp_path / "out"), "--quiet"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after parity's progress lines
+    assert last.startswith("error: parity: a model could not be loaded: Can't load tokenizer"), last
+    assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
 def test_single_file_keeps_a_yaml_it_did_not_write(torch_repo, tmp_path, capsys):
