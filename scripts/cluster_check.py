@@ -303,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:
             pass
         cluster.stop()
+        time.sleep(1)  # SIGKILLed processes take a moment to leave /proc
         left = _pids_naming(str(root))
         shutil.rmtree(root, ignore_errors=True)
         print(f"cleanup: nodes stopped, {len(left)} processes left, {root} removed", flush=True)
