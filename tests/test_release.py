@@ -387,6 +387,7 @@ def _variant(manifest, onnx=True, checked=True, components=("unet",), hub=False)
     if not onnx:
         manifest["files"] = {name: entry for name, entry in manifest["files"].items() if not name.endswith(".onnx")}
         manifest["parity"]["export"] = [c for c in manifest["parity"]["export"] if c["runtime"] != "onnx"]
+        export["variants"] = {name: v for name, v in export.get("variants", {}).items() if not name.startswith("onnx")}
     if not checked:
         manifest["parity"]["library"] = {"ran": False, "reason": "skipped (--no-check)"}
     if hub:
