@@ -15,9 +15,11 @@ from riffusion.image import save_image
 from riffusion.params import ExifTag, SpectrogramParams
 from riffusion.spectrogram import MAX_STFT_CELLS
 
-MEASURED_RUN = ("import resource, sys; from riffusion.cli import main; code = main(sys.argv[1:]); "
-                "print('peak_mb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, file=sys.stderr); "
-                "sys.exit(code)")
+# VmHWM is the peak of this process's own memory map. ru_maxrss is not: it keeps the peak of the map
+# replaced by exec, i.e. of the forked copy of a pytest process that may already hold gigabytes.
+MEASURED_RUN = ("import re, sys; from riffusion.cli import main; code = main(sys.argv[1:]); "
+                "peak_kb = int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)); "
+                "print('peak_mb', peak_kb // 1024, file=sys.stderr); sys.exit(code)")
 
 
 def run_measured(*args) -> tuple[int, str, int]:

@@ -309,7 +309,9 @@ def test_a_stalled_client_loses_its_connection(pipeline, narrow_folder):
         started = time.monotonic()
         for client in (silent, partial):
             assert select.select([client], [], [], 10)[0], "the server kept a stalled connection open"
-        reply = partial.recv(65536)
+        reply = b""
+        while chunk := partial.recv(65536):  # headers and body may arrive in separate segments
+            reply += chunk
         assert reply.startswith(b"HTTP/1.0 408") and b"no body within 1 s" in reply
         assert silent.recv(1) == b""  # closed
         assert time.monotonic() - started < 5
