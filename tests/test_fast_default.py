@@ -2,25 +2,30 @@
 its static programs are exported once into the cache, said so, reused on the next run; the command says
 which engine runs each part, and --runtime onnx without ONNX programs is refused before any work."""
 
+import os
 import subprocess
 import sys
 
 
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "riffusion", *map(str, args)], capture_output=True, text=True)
+def run(*args, cache=None):
+    env = {**os.environ, "RIFFUSION_PADDLE_CACHE": str(cache)} if cache else None
+    return subprocess.run([sys.executable, "-m", "riffusion", *map(str, args)], capture_output=True, text=True,
+                          env=env)
 
 
 def test_a_library_runs_its_static_programs_exported_once(paddle_library, tmp_path):
+    """An empty cache of its own: other tests' commands fill the session's cache with this library's programs."""
     args = ("text-to-audio", "jazz", tmp_path / "jazz.wav", "--library", paddle_library, "--steps", 1, "--width", 64)
-    first = run(*args)
+    cache = tmp_path / "cache"
+    first = run(*args, cache=cache)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "no exported programs; exporting its UNet's static program once" in first.stderr
     static = "running: unet Paddle Inference, text_encoder Paddle dynamic, vae Paddle dynamic"
     assert static in first.stderr.splitlines()
-    again = run(*args)
+    again = run(*args, cache=cache)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "exporting" not in again.stderr and static in again.stderr.splitlines()
-    dynamic = run(*args, "--runtime", "dynamic")
+    dynamic = run(*args, "--runtime", "dynamic", cache=cache)
     assert "running: unet Paddle dynamic, text_encoder Paddle dynamic, vae Paddle dynamic" in dynamic.stderr.splitlines()
 
 
