@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_unet import run_child  # noqa: E402
+from bench_unet import _cores, run_child  # noqa: E402
 
 BACKENDS = ("torch", "dynamic", "static-fp32", "static-bf16", "static-int8", "onnx-fp32", "onnx-int8")
 STAGES = ("text_encoding", "vae_encode", "unet", "vae_decode", "audio", "mp3")
@@ -271,13 +271,6 @@ def _torch(args):
 
 
 LOADERS = {"torch": _torch, "dynamic": _paddle, "static": _paddle, "onnx": _paddle}
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 if __name__ == "__main__":
