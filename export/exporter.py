@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import gc
 import json
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -264,15 +267,17 @@ def _variants(library: Path, staging: Path, components, variants, entries: dict,
         entry = {"runtime": backend, "precision": precision, "shipped": True}
         if precision == "int8":
             _progress(quiet, "unet: quantizing to int8 (onnxruntime, calibrated on the recorded UNet inputs)")
-            entry["quantization"] = precisions.quantize_int8(staging / "unet", calibration, quiet)
+            entry["quantization"] = _in_child("int8 quantization of the UNet", precisions.quantize_int8,
+                                              staging / "unet", calibration, quiet)
             entry["quantization"].update(op_types=list(precisions.INT8_OP_TYPES), calibration_samples=len(calibration))
             examples, references = checked["unet"]
             if not _validate_precision(SPECS["unet"], staging / "unet", entries["unet"], "onnx", "int8", examples,
                                        references, quiet, threads, fail=False):
                 entry.update(shipped=False, reason="the UNet's relative error is above its bar")
         _progress(quiet, f"fidelity: a {steps}-step interpolation on {name}")
-        run = fidelity.run_request(library, staging, backend, precision, components, steps, threads,
-                                   record=calibration if name == "static-fp32" else None)
+        run = _in_child(f"the fidelity request on {name}", fidelity.run_in_child, library, staging, backend, precision,
+                        components, steps, threads, name == "static-fp32")
+        calibration.extend(run.pop("calibration"))
         entry["timing"] = fidelity.timing(run)
         if reference is None:
             reference = run
@@ -292,6 +297,17 @@ def _variants(library: Path, staging: Path, components, variants, entries: dict,
         del run
         gc.collect()
     return results
+
+
+def _in_child(what: str, function, *args):
+    """`function(*args)` in a fresh process, so that what one variant's runtimes hold (a full-size request
+    in Paddle Inference and onnxruntime needs several GB, not all given back on release) is freed before
+    the next: the full-size export with every precision ran out of 24 GB in one process."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        try:
+            return pool.submit(function, *args).result()
+        except BrokenProcessPool:
+            raise ExportError(f"{what} stopped without an answer (killed, likely for lack of memory)") from None
 
 
 def _compare(spec: ComponentSpec, backend: str, size, reference: list[np.ndarray], outputs: list[np.ndarray]) -> dict:

@@ -80,6 +80,20 @@ def run_request(library: Path, exported: Path, runtime: str, precision: str, com
     return {"image": np.asarray(image), "audio": audio, "stages": stages, "pipeline_s": pipeline_s, "audio_s": audio_s}
 
 
+def run_in_child(library: Path, exported: Path, runtime: str, precision: str, components: tuple[str, ...],
+                 steps: int, threads: int | None, record: bool) -> dict:
+    """run_request in a process of its own (the exporter's child): the run, with the UNet inputs it
+    recorded under "calibration" (empty unless `record`)."""
+    from export.runtime import use_all_cores
+
+    use_all_cores(threads)
+    calibration: list = []
+    run = run_request(library, exported, runtime, precision, components, steps, threads,
+                      record=calibration if record else None)
+    run["calibration"] = calibration
+    return run
+
+
 def timing(run: dict) -> dict:
     """Seconds per call of each stage, and the request they add up to at riffusion-app's 50 steps."""
     stages = run["stages"]

@@ -215,3 +215,15 @@ def test_release_manifest_and_card_carry_the_variants(reduced):
            f"{int8['psnr_db']:.1f} dB | {int8['spectral_convergence']:.4f} | yes |" in table
     assert "| `static-fp32` |" in table and "reference" in table
     assert precisions_table({}) == ""
+
+
+def test_a_variant_run_that_dies_is_a_clear_export_error():
+    """The fidelity request and the int8 quantization run in child processes (so one variant's memory is
+    freed before the next); a child killed mid-way (as the OOM killer does) is an ExportError naming it."""
+    import os
+
+    from export.exporter import _in_child
+
+    assert _in_child("a sum", sum, [1, 2, 3]) == 6
+    with pytest.raises(ExportError, match="the fidelity request on static-bf16 stopped without an answer"):
+        _in_child("the fidelity request on static-bf16", os._exit, 9)
