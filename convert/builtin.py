@@ -20,7 +20,7 @@ import torch
 
 from convert.errors import ConversionError
 from convert.source import WEIGHT_FILES
-from riffusion.console import HelpFormatter, add_version
+from riffusion.console import HelpFormatter, add_version, command
 
 SIZES = {
     "tiny": {
@@ -226,6 +226,7 @@ def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m convert.builtin", formatter_class=HelpFormatter,
@@ -241,8 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="random seed of the weights")
     args = parser.parse_args(argv)
     if args.out.exists():
-        print(f"error: {args.out} already exists", file=sys.stderr)
-        return 1
+        raise ConversionError(f"{args.out} already exists")
     build(args.out, args.size, args.weights, args.seed)
     print(args.out)
     return 0

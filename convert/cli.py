@@ -4,12 +4,10 @@ with --release, the complete Hub release folder (library, single file, exports, 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from convert.errors import needs_torch
-from riffusion.console import HelpFormatter, add_version, quiet_third_party
-from riffusion.errors import InputError
+from riffusion.console import HelpFormatter, add_version, command, quiet_third_party
 
 
 def parser() -> argparse.ArgumentParser:
@@ -40,6 +38,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     quiet_third_party()
@@ -48,29 +47,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _library(args) -> int:
-    try:
-        from convert.library import convert_library
-        from convert.source import resolve
+    from convert.library import convert_library
+    from convert.source import resolve
 
-        check = None
-        single_file = Path(args.src).is_file()
-        if args.revision and not single_file:
-            args.src = str(resolve(args.src, args.revision))
-        if single_file and not args.no_check and (args.ema or _paddle_configs(args.config)):
-            print("parity: not run (diffusers' single-file reader takes neither --ema nor ppdiffusers configs)")
-        elif single_file and not args.no_check:
-            from convert.parity import check_single_file_during_conversion
+    check = None
+    single_file = Path(args.src).is_file()
+    if args.revision and not single_file:
+        args.src = str(resolve(args.src, args.revision))
+    if single_file and not args.no_check and (args.ema or _paddle_configs(args.config)):
+        print("parity: not run (diffusers' single-file reader takes neither --ema nor ppdiffusers configs)")
+    elif single_file and not args.no_check:
+        from convert.parity import check_single_file_during_conversion
 
-            check = check_single_file_during_conversion(args.src, args.config)
-        elif not args.no_check:
-            from convert.parity import check_during_conversion
+        check = check_single_file_during_conversion(args.src, args.config)
+    elif not args.no_check:
+        from convert.parity import check_during_conversion
 
-            check = check_during_conversion(args.src, quiet=args.quiet)
-        report = convert_library(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite, quiet=args.quiet,
-                                 check=check, config=args.config, ema=args.ema)
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        check = check_during_conversion(args.src, quiet=args.quiet)
+    report = convert_library(args.src, args.out, dtype=args.dtype, overwrite=args.overwrite, quiet=args.quiet,
+                             check=check, config=args.config, ema=args.ema)
     parts = ", ".join(f"{name} {part['mapped']} tensors" for name, part in report["parts"].items())
     print(f"wrote {args.out} ({parts}; {report['seconds']:.1f} s)")
     return 0
@@ -85,17 +80,12 @@ def _paddle_configs(config: str | None) -> bool:
 
 def _release(args) -> int:
     from convert.release import build_release
+    from export.exporter import parse_components
 
-    try:
-        from export.exporter import parse_components
-
-        manifest = build_release(args.src, args.out, revision=args.revision, repo_id=args.repo_id, dtype=args.dtype,
-                                 overwrite=args.overwrite, quiet=args.quiet, check=not args.no_check,
-                                 config=args.config, ema=args.ema, components=parse_components(args.export_components),
-                                 onnx=args.onnx)
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    manifest = build_release(args.src, args.out, revision=args.revision, repo_id=args.repo_id, dtype=args.dtype,
+                             overwrite=args.overwrite, quiet=args.quiet, check=not args.no_check,
+                             config=args.config, ema=args.ema, components=parse_components(args.export_components),
+                             onnx=args.onnx)
     total = sum(entry["bytes"] for entry in manifest["files"].values())
     library = manifest["parity"]["library"]
     parity = (f"{len(library['checks'])} parity checks passed" if library.get("checks")

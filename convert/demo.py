@@ -14,11 +14,12 @@ from pathlib import Path
 from convert import cli
 from convert.release import publish, verify
 from convert.builtin import build
-from riffusion.console import HelpFormatter, add_version
+from riffusion.console import HelpFormatter, add_version, command
 
 REPO_ID = "your-org/riffusion-tiny-paddle"
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m convert.demo", description=__doc__.split("\n\n")[0],
                                      formatter_class=HelpFormatter)

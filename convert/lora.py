@@ -27,8 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from convert.errors import ConversionError
-from riffusion.console import add_version, quiet_third_party
-from riffusion.errors import InputError
+from riffusion.console import add_version, command, quiet_third_party
 from riffusion.files import atomic_folder
 from riffusion.lora import LORA_FILE
 
@@ -421,14 +420,11 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     quiet_third_party()
-    try:
-        report = convert(args.src, args.out, args.to, args.base, args.fuse, args.scale, args.overwrite, args.parity)
-    except InputError as error:  # ConversionError is one; riffusion.files raises the base class
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    report = convert(args.src, args.out, args.to, args.base, args.fuse, args.scale, args.overwrite, args.parity)
     for item in report.get("parity", []):
         print(f"{item['check']:34s} scale {item['scale']:<4} max abs {item['max_abs']:.2e}  ok")
     print(f"wrote {args.out}/{report['output']}: {report['adapters']} adapters (rank {report['rank']}) from "

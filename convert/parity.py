@@ -27,8 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from convert.errors import ConversionError, needs_torch
-from riffusion.console import HelpFormatter, add_version, native_stdout_silenced, quiet_third_party
-from riffusion.errors import InputError
+from riffusion.console import HelpFormatter, add_version, command, native_stdout_silenced, quiet_third_party
 
 # Absolute tolerances, float32 compute. optimum's exporter uses text 1e-3, unet 1e-4, vae 3e-4.
 TOLERANCES = {
@@ -459,6 +458,7 @@ def required_parity(torch_src: str, paddle_dir: Path, exported: Path | None = No
     return result
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m convert.parity", description="torch vs Paddle parity of a converted "
                                      "library: exit status 1 when any check fails",
@@ -476,15 +476,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress lines, only the table")
     args = parser.parse_args(argv)
     quiet_third_party()
-    try:
-        if not (args.paddle / "model_index.json").is_file():
-            raise ConversionError(f"{args.paddle}: not a converted library (no model_index.json)")
-        with needs_torch("python -m convert.parity"):
-            checks, settings = run_parity(args.torch, args.paddle, steps=args.steps, latent_size=args.latent_size,
-                                          exported=args.exported, progress=not args.quiet)
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    if not (args.paddle / "model_index.json").is_file():
+        raise ConversionError(f"{args.paddle}: not a converted library (no model_index.json)")
+    with needs_torch("python -m convert.parity"):
+        checks, settings = run_parity(args.torch, args.paddle, steps=args.steps, latent_size=args.latent_size,
+                                      exported=args.exported, progress=not args.quiet)
     print(format_table(checks))
     result = to_json(checks, settings)
     if args.json:

@@ -20,7 +20,6 @@ from tqdm import tqdm
 
 from convert.components import CLIP_TEXT, UNET, VAE, Part
 from convert.errors import ConversionError
-from riffusion.errors import InputError
 from convert.ldm import TEXT_PREFIX, NameMap, is_vae_attention_weight, original_config, unet_blocks, vae_blocks
 from convert.library import DTYPES, Move, folder_tensors, plan_part
 from convert.source import part_folder, resolve
@@ -28,7 +27,7 @@ from riffusion.files import (check_apart, interrupted_by_sigterm, model_root, os
                              read_json, staging_path)
 from convert.tensorfile import SourceTensor, TensorFile
 from convert.writer import StreamingSafetensorsWriter
-from riffusion.console import HelpFormatter, add_version, quiet_third_party
+from riffusion.console import HelpFormatter, add_version, command, quiet_third_party
 
 PARTS: dict[str, Part] = {"unet": UNET, "vae": VAE, "text_encoder": CLIP_TEXT}
 
@@ -143,6 +142,7 @@ def write_single_file(src: str, out: Path, dtype: str = "float32", overwrite: bo
             "seconds": round(time.perf_counter() - started, 3)}
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m convert.single_file", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
                                      formatter_class=HelpFormatter)
@@ -155,11 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--global-step", type=int, default=0, help=".ckpt only: the global_step entry")
     args = parser.parse_args(argv)
     quiet_third_party()
-    try:
-        report = write_single_file(args.src, args.out, args.dtype, args.overwrite, args.quiet, args.global_step)
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    report = write_single_file(args.src, args.out, args.dtype, args.overwrite, args.quiet, args.global_step)
     print(f"wrote {args.out} ({report['tensors']} tensors from a {report['kind']}, {report['bytes'] / 1e9:.2f} GB, "
           f"{report['seconds']:.1f} s)")
     return 0

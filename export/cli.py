@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from riffusion.errors import InputError
 from export.specs import COMPONENTS
-from riffusion.console import HelpFormatter, add_version, quiet_third_party
+from riffusion.console import HelpFormatter, add_version, command, quiet_third_party
 
 
 def parser() -> argparse.ArgumentParser:
@@ -44,19 +42,16 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     quiet_third_party()
-    try:
-        from export.exporter import export_library, parse_components
+    from export.exporter import export_library, parse_components
 
-        report = export_library(args.model, args.out, components=parse_components(args.components), onnx=args.onnx,
-                                height=args.height, width=args.width, overwrite=args.overwrite, quiet=args.quiet,
-                                threads=args.threads, precision=tuple(args.precision.split(",")),
-                                fidelity_steps=args.fidelity_steps)
-    except InputError as error:  # ExportError and the shared file helpers' errors
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    report = export_library(args.model, args.out, components=parse_components(args.components), onnx=args.onnx,
+                            height=args.height, width=args.width, overwrite=args.overwrite, quiet=args.quiet,
+                            threads=args.threads, precision=tuple(args.precision.split(",")),
+                            fidelity_steps=args.fidelity_steps)
     for name, entry in report["components"].items():
         worst: dict[str, float] = {}
         for check in entry["validation"]:

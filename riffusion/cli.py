@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
-from riffusion.console import HelpFormatter, add_version, quiet_third_party
+from riffusion.console import HelpFormatter, add_version, command, quiet_third_party
+from riffusion.errors import InputError
 
 
-class CommandError(Exception):
+class CommandError(InputError):
     pass
 
 
@@ -84,17 +85,13 @@ def _pipeline(args):
     if args.export is not None and not args.export.is_dir():
         raise CommandError(f"{args.export}: no such export folder; make one with python -m export")
     from export.cache import export_for
-    from riffusion.errors import InputError
     from riffusion.pipeline import RiffusionPipeline
 
     runtime = args.runtime or ("dynamic" if args.lora else None)  # a LoRA is fused into the dynamic models only
-    try:
-        exported = export_for(args.checkpoint, args.export, runtime)
-        pipeline = RiffusionPipeline.from_pretrained(args.checkpoint, progress=True, exported=exported, runtime=runtime,
-                                                     precision=args.precision, scheduler=args.scheduler,
-                                                     lora=args.lora, lora_scale=args.lora_scale)
-    except InputError as error:
-        raise CommandError(str(error)) from None
+    exported = export_for(args.checkpoint, args.export, runtime)
+    pipeline = RiffusionPipeline.from_pretrained(args.checkpoint, progress=True, exported=exported, runtime=runtime,
+                                                 precision=args.precision, scheduler=args.scheduler,
+                                                 lora=args.lora, lora_scale=args.lora_scale)
     print(f"running: {_runtimes(pipeline.pipe)}", file=sys.stderr, flush=True)
     return pipeline
 
@@ -293,15 +290,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     quiet_third_party()
     try:
         args.run(args)
-    except (CommandError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    except ValueError as error:
+        raise InputError(str(error)) from None
     except OSError as error:  # disk full, permissions changed while working
-        print(f"error: {error.filename or ''}: {error.strerror or error}", file=sys.stderr)
-        return 1
+        raise InputError(f"{error.filename or ''}: {error.strerror or error}") from None
     return 0

@@ -1,15 +1,20 @@
-"""What every command of the toolkit does at its start: a --version flag, and silence for the
-third-party noise that is not ours to show (their warnings and INFO logs on every run)."""
+"""What every command of the toolkit shares: a --version flag, silence for the third-party noise that is
+not ours to show (their warnings and INFO logs on every run), and how a command ends on bad input or Ctrl-C."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import os
 import sys
 import warnings
 from importlib.metadata import PackageNotFoundError, version
+
+from riffusion.errors import InputError, Terminated
+
+INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command ended by Ctrl-C
 
 
 def tool_version() -> str:
@@ -22,6 +27,26 @@ def tool_version() -> str:
 def add_version(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s: riffusion-paddle {tool_version()}")
     return parser
+
+
+def command(main):
+    """Decorate a command's `main(argv) -> int`: bad input (InputError, the base of ConversionError and
+    ExportError) ends it with one `error: ...` line on stderr and status 1; Ctrl-C (or SIGTERM where a
+    staged write turned it into an interrupt) with one `interrupted` line and 130 (143 for SIGTERM), no
+    traceback. Whatever was staged has been removed by then: the exception unwound through its cleanup."""
+
+    @functools.wraps(main)
+    def run(argv: list[str] | None = None) -> int:
+        try:
+            return main(argv)
+        except InputError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt as interrupt:
+            print("interrupted", file=sys.stderr)
+            return 128 + interrupt.signum if isinstance(interrupt, Terminated) else INTERRUPTED
+
+    return run
 
 
 def quiet_third_party() -> None:

@@ -32,7 +32,7 @@ import numpy as np
 from riffusion.errors import InputError
 from riffusion.files import atomic_folder
 from riffusion.params import SpectrogramParams
-from riffusion.console import HelpFormatter, add_version, quiet_third_party
+from riffusion.console import HelpFormatter, add_version, command, quiet_third_party
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3"}
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
@@ -271,15 +271,12 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     quiet_third_party()
     slicing = Slicing(args.clip_seconds, args.hop_seconds, args.min_tail_seconds, args.silence_db)
-    try:
-        summary = build(args.audio, args.out, slicing, overwrite=args.overwrite, quiet=args.quiet)
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    summary = build(args.audio, args.out, slicing, overwrite=args.overwrite, quiet=args.quiet)
     print("\n".join(summary.lines()))
     print(f"wrote {args.out} ({summary.clips} images and metadata.jsonl)")
     return 0

@@ -21,7 +21,7 @@ import sys
 import threading
 from pathlib import Path
 
-from riffusion.errors import InputError
+from riffusion.errors import InputError, Terminated
 
 
 MAX_JSON_BYTES = 64 * 2**20  # a tokenizer's vocab.json is ~1 MB; a shard index a few
@@ -150,7 +150,7 @@ def interrupted_by_sigterm():
         return
 
     def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+        raise Terminated(signum)
 
     signal.signal(signal.SIGTERM, interrupt)
     try:

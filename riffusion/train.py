@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from riffusion.console import add_version, quiet_third_party
+from riffusion.console import add_version, command, quiet_third_party
 from riffusion.errors import InputError
 
 CONFIG_FILE = "train_config.json"
@@ -473,15 +473,12 @@ def config_from(args) -> tuple[TrainConfig, Path]:
     return TrainConfig(str(args.checkpoint.absolute()), str(args.data.absolute()), **options), args.out
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     quiet_third_party()
-    try:
-        config, run = config_from(args)
-        log = train(config, run, resume=args.resume is not None, overwrite=args.overwrite, quiet=args.quiet)
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    config, run = config_from(args)
+    log = train(config, run, resume=args.resume is not None, overwrite=args.overwrite, quiet=args.quiet)
     if int(os.environ.get("PADDLE_TRAINER_ID", "0")) == 0 and log:
         print(f"trained {config.steps} steps, loss {log[0]['loss']:.4f} -> {log[-1]['loss']:.4f}; wrote {run}")
     return 0

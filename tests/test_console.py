@@ -107,3 +107,59 @@ def test_old_and_new_spellings_parse_alike():
     old = riffusion_parser().parse_args(["text-to-audio", "x", "o.wav", "--checkpoint", "L", "--export", "E"])
     new = riffusion_parser().parse_args(["text-to-audio", "x", "o.wav", "--library", "L", "--exported", "E"])
     assert (old.checkpoint, old.export) == (new.checkpoint, new.export)
+
+
+def test_every_command_ends_bad_input_and_ctrl_c_alike(capsys):
+    """riffusion.console.command: InputError (ConversionError, ExportError are kinds of it) -> one `error:` line
+    and status 1; Ctrl-C -> one `interrupted` line and 130, SIGTERM turned into an interrupt -> 143; no traceback."""
+    from convert.errors import ConversionError
+    from export.errors import ExportError
+    from riffusion.console import command
+    from riffusion.errors import InputError, Terminated
+
+    def ending_with(exception):
+        @command
+        def main(argv=None):
+            raise exception
+        return main
+
+    for exception, status, line in ((InputError("a.json: missing"), 1, "error: a.json: missing"),
+                                    (ConversionError("unet: bad"), 1, "error: unet: bad"),
+                                    (ExportError("onnx: bad"), 1, "error: onnx: bad"),
+                                    (KeyboardInterrupt(), 130, "interrupted"),
+                                    (Terminated(15), 143, "interrupted")):
+        assert ending_with(exception)([]) == status
+        captured = capsys.readouterr()
+        assert (captured.out, captured.err) == ("", line + "\n")
+    assert command(lambda argv: 0)([]) == 0
+
+
+def _staging(folder):
+    return [path for path in folder.iterdir() if path.name.startswith(".out.")]
+
+
+@pytest.mark.parametrize("command", ["convert", "export"])
+def test_ctrl_c_mid_write_removes_staging_and_says_interrupted(command, torch_repo, paddle_library, tmp_path):
+    """SIGINT sent to a real `python -m convert` or `python -m export` of the tiny model once its staging folder
+    holds files: exit 130 (before the shared entry point: killed by the signal, with a traceback), stderr ends
+    with one `interrupted` line and shows no traceback, and neither the staging folder nor --out is left."""
+    import signal
+    import time
+
+    source = ["--src", torch_repo] if command == "convert" else ["--library", paddle_library, "--components", "unet"]
+    child = subprocess.Popen([sys.executable, "-m", command, *map(str, source), "--out", tmp_path / "out", "--quiet"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(any(staging.iterdir()) for staging in _staging(tmp_path) if staging.is_dir()):
+            assert child.poll() is None and time.monotonic() < deadline, "never started writing"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=120)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == 130, err[-2000:]
+    assert err.splitlines()[-1] == "interrupted" and "Traceback" not in err, err[-2000:]
+    assert _staging(tmp_path) == [] and not (tmp_path / "out").exists()

@@ -1,4 +1,4 @@
-"""python -m convert.publish --folder DIR --repo-id ORG/NAME: upload a verified release folder to the Hub.
+"""python -m convert.publish FOLDER --repo-id ORG/NAME: upload a verified release folder to the Hub.
 
 The folder must pass `python -m convert.verify` (files against manifest.json) or nothing is sent.
 The repo is created if needed; files go up with huggingface_hub's resumable large-folder upload
@@ -14,11 +14,10 @@ import sys
 from pathlib import Path
 
 from convert.errors import ConversionError
-from riffusion.errors import InputError
 from convert.release.manifest import MANIFEST_NAME, read_manifest
 from convert.source import hub_id_problem, hub_unreachable
-from convert.release.verify import verify_release
-from riffusion.console import HelpFormatter, add_version, quiet_third_party
+from convert.release.verify import add_release_folder, release_folder, verify_release
+from riffusion.console import HelpFormatter, add_version, command, quiet_third_party
 
 
 def publish(folder: Path, repo_id: str, revision: str | None = None, private: bool = False,
@@ -76,22 +75,20 @@ def _upload(folder: Path, repo_id: str, revision: str | None, private: bool, nam
         raise ConversionError(f"{repo_id}: Hub request failed: {str(error).splitlines()[0]}") from None
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m convert.publish", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
                                      formatter_class=HelpFormatter)
     add_version(parser)
-    parser.add_argument("--folder", required=True, type=Path, help="a release folder (python -m convert --release)")
+    add_release_folder(parser, "a release folder (python -m convert --release)")
     parser.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub")
     parser.add_argument("--revision", help="branch to upload to (created if needed; default: main)")
     parser.add_argument("--private", action="store_true", help="create the repo private")
     parser.add_argument("--dry-run", action="store_true", help="verify and list what would be uploaded; no network")
     args = parser.parse_args(argv)
+    args.folder = release_folder(parser, args)
     quiet_third_party()
-    try:
-        publish(args.folder, args.repo_id, args.revision, args.private, args.dry_run)
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    publish(args.folder, args.repo_id, args.revision, args.private, args.dry_run)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""python -m convert.verify DIR [--torch SRC]: check a release folder against its manifest.json.
+"""python -m convert.verify FOLDER [--src SRC]: check a release folder against its manifest.json.
 
 Exit status 1 when a file is missing, extra or changed (size or sha256), when the manifest records a
 failed check, or, with --torch, when the torch source is not the one the release was made from or
@@ -13,10 +13,9 @@ import sys
 from pathlib import Path
 
 from convert.errors import ConversionError
-from riffusion.errors import InputError
 from riffusion.files import is_present, model_root, plain_file
 from convert.release.manifest import check_files, read_manifest
-from riffusion.console import HelpFormatter, add_version, quiet_third_party
+from riffusion.console import HelpFormatter, add_version, command, quiet_third_party
 
 
 def verify_release(folder: Path, torch_src: str | None = None, quiet: bool = False) -> dict:
@@ -102,26 +101,41 @@ def _rerun_parity(torch_src: str, folder: Path, manifest: dict, quiet: bool) -> 
     return to_json(checks, settings)
 
 
+def add_release_folder(parser: argparse.ArgumentParser, help: str) -> None:
+    """The release folder, as verify and publish both take it: FOLDER, or `--folder FOLDER` (the alias;
+    publish's first spelling)."""
+    parser.add_argument("folder", nargs="?", type=Path, metavar="FOLDER", help=help)
+    parser.add_argument("--folder", dest="folder_option", type=Path, metavar="FOLDER",
+                        help="the same as FOLDER (an alias kept for older scripts)")
+
+
+def release_folder(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Path:
+    given = {folder for folder in (args.folder, args.folder_option) if folder is not None}
+    if not given:
+        parser.error("the release folder is required: FOLDER (or --folder FOLDER)")
+    if len(given) > 1:
+        parser.error(f"two release folders given: {args.folder} and --folder {args.folder_option}")
+    return given.pop()
+
+
 def _say(quiet: bool, text: str) -> None:
     if not quiet:
         print(text, flush=True)
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m convert.verify", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
                                      formatter_class=HelpFormatter)
     add_version(parser)
-    parser.add_argument("folder", type=Path, help="a release folder (python -m convert --release), e.g. a Hub download")
+    add_release_folder(parser, "a release folder (python -m convert --release), e.g. a Hub download")
     parser.add_argument("--src", "--torch", dest="torch", help="the torch source (Hub id or diffusers folder): also re-run parity against it")
     parser.add_argument("--json", type=Path, help="also write the verdict here")
     parser.add_argument("--quiet", action="store_true", help="print the verdict only")
     args = parser.parse_args(argv)
+    args.folder = release_folder(parser, args)
     quiet_third_party()
-    try:
-        result = verify_release(args.folder, args.torch, args.quiet)
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    result = verify_release(args.folder, args.torch, args.quiet)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"verify: {'OK' if result['passed'] else 'FAILED'} ({args.folder})")
