@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     if status == 0:
         status = verify.main([str(release_dir)])
     if status == 0:
-        status = publish.main(["--folder", str(release_dir), "--repo-id", REPO_ID, "--dry-run"])
+        status = publish.main([str(release_dir), "--repo-id", REPO_ID, "--dry-run"])
     if status == 0:
         print(f"release:      {release_dir} (model card: README.md, checksums and parity: manifest.json)")
         print(f"load it with: ppdiffusers.StableDiffusionPipeline.from_pretrained({str(release_dir)!r})")

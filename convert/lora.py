@@ -315,11 +315,14 @@ def convert(src: Path, out: Path, to: str = "paddle", base: Path | None = None, 
     failed parity check, with `parity_torch`: the torch diffusers repo --base was converted from)."""
     if (fuse or parity_torch is not None) and base is None:
         raise ConversionError("--fuse and --parity need --base LIB (the library the LoRA is for)")
+    if fuse and parity_torch is not None:
+        raise ConversionError("--parity checks the LoRA itself, not a fused library: run it without --fuse")
     if not np.isfinite(scale):
         raise ConversionError(f"--scale must be a finite number, got {scale}")
     path = source_file(src)
     tensors, paddle_layout = read_tensors(path)
-    adapters = parse(tensors, paddle_layout, base_shapes(base), path)
+    shapes = base_shapes(base)
+    adapters = parse(tensors, paddle_layout, shapes, path)
     with atomic_folder(out, overwrite) as staging:
         if fuse:
             fuse_into(Path(base), staging, adapters, scale)
@@ -335,73 +338,16 @@ def convert(src: Path, out: Path, to: str = "paddle", base: Path | None = None, 
                   "adapters": len(adapters), "rank": sorted({adapter.rank for adapter in adapters.values()}),
                   "tensors": {key: written[key] for key in tensors}}
         if parity_torch is not None:
-            torch_file = path if not paddle_layout else staging / output
-            if fuse or torch_file.name == LORA_FILE:
-                raise ConversionError("--parity compares a torch LoRA file with Paddle: give a torch --src, or --to "
-                                      "diffusers / kohya for a Paddle one, without --fuse")
-            report["parity"] = parity(adapters, torch_file, Path(parity_torch), Path(base))
-            failed = [item for item in report["parity"] if not item["ok"]]
-            if failed:
-                raise ConversionError(f"parity failed: {failed[0]['check']} at scale {failed[0]['scale']}: max abs "
-                                      f"{failed[0]['max_abs']:.3g} > {PARITY_TOLERANCE}")
+            from convert.lora_parity import LoRA, lora_checks
+            from convert.parity import to_json
+
+            checks = lora_checks(LoRA(path, adapters, paddle_layout, shapes), Path(parity_torch), Path(base))
+            report["parity"] = to_json(checks, {"torch": str(parity_torch), "base": str(base)})
+            if not report["parity"]["passed"]:
+                failed = ", ".join(check.name for check in checks if not check.passed)
+                raise ConversionError(f"parity failed ({failed}): nothing written")
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     return report
-
-
-PARITY_TOLERANCE = 1e-4  # absolute, fp32, the UNet's tolerance in convert.parity
-
-
-def parity(adapters: dict[tuple, Adapter], torch_file: Path, torch_repo: Path, base: Path,
-           scales=(0.5, 1.0)) -> list[dict]:
-    """The LoRA-applied UNet and text encoder in Paddle (fused, as `python -m riffusion --lora` runs them; and
-    the UNet unfused, through ppdiffusers' load_attn_procs) against diffusers + peft with `torch_file` loaded,
-    on the same inputs at each scale: [{"check", "scale", "max_abs", "ok"}]."""
-    import paddle
-    import torch
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import scale_lora_layers, unscale_lora_layers
-
-    from export.runtime import load_pipeline
-    from riffusion import lora as paddle_lora
-
-    tensors = render(adapters, "paddle")[1]
-    reference = StableDiffusionPipeline.from_pretrained(str(torch_repo), safety_checker=None,
-                                                        requires_safety_checker=False)
-    reference.load_lora_weights(str(torch_file.parent), weight_name=torch_file.name)
-    config = reference.unet.config
-    rng = np.random.default_rng(0)
-    side = config.sample_size
-    sample = rng.standard_normal((1, config.in_channels, side, side)).astype(np.float32)
-    context = rng.standard_normal((1, 77, config.cross_attention_dim)).astype(np.float32)
-    ids = reference.tokenizer("a lo-fi beat with a warm bass", padding="max_length", max_length=77,
-                              truncation=True, return_tensors="np").input_ids
-    results = []
-    for scale in scales:
-        with torch.no_grad():
-            torch_unet = reference.unet(torch.from_numpy(sample), 500, encoder_hidden_states=torch.from_numpy(context),
-                                        cross_attention_kwargs={"scale": scale}).sample.numpy()
-            scale_lora_layers(reference.text_encoder, scale)
-            torch_text = reference.text_encoder(torch.from_numpy(ids))[0].numpy()
-            unscale_lora_layers(reference.text_encoder, scale)
-        fused = load_pipeline(base)
-        paddle_lora.apply_tensors(fused, tensors, scale)
-        unfused = load_pipeline(base)
-        unet_part = {key[len("unet."):]: paddle.to_tensor(value) for key, value in tensors.items() if key.startswith("unet.")}
-        if unet_part:
-            unfused.unet.load_attn_procs(unet_part, from_diffusers=False)
-        with paddle.no_grad():
-            inputs = (paddle.to_tensor(sample), paddle.to_tensor([500]))
-            fused_unet = fused.unet(*inputs, encoder_hidden_states=paddle.to_tensor(context)).sample.numpy()
-            unfused_unet = unfused.unet(*inputs, encoder_hidden_states=paddle.to_tensor(context),
-                                        cross_attention_kwargs={"scale": scale}).sample.numpy()
-            fused_text = fused.text_encoder(paddle.to_tensor(ids))[0].numpy()
-        for check, ours, theirs in (("unet fused vs diffusers", fused_unet, torch_unet),
-                                    ("unet unfused vs diffusers", unfused_unet, torch_unet),
-                                    ("text_encoder fused vs diffusers", fused_text, torch_text),
-                                    ("unet fused vs unfused", fused_unet, unfused_unet)):
-            error = float(np.abs(ours - theirs).max())
-            results.append({"check": check, "scale": scale, "max_abs": error, "ok": error <= PARITY_TOLERANCE})
-    return results
 
 
 def parser() -> argparse.ArgumentParser:
@@ -415,7 +361,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=float, default=1.0, help="LoRA strength for --fuse (default 1)")
     p.add_argument("--parity", type=Path, metavar="TORCH_REPO",
                    help="check the LoRA in Paddle against diffusers + peft on this torch repo (the one --base was "
-                        f"converted from) at scales 0.5 and 1.0, max abs <= {PARITY_TOLERANCE}")
+                        "converted from) at scales 0.5 and 1.0, max abs <= 1e-4, and its round trip through torch "
+                        "layouts (the checks of python -m convert.parity --lora)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     return p
 
@@ -425,8 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     quiet_third_party()
     report = convert(args.src, args.out, args.to, args.base, args.fuse, args.scale, args.overwrite, args.parity)
-    for item in report.get("parity", []):
-        print(f"{item['check']:34s} scale {item['scale']:<4} max abs {item['max_abs']:.2e}  ok")
+    if "parity" in report:
+        from convert.parity import Check, format_table
+
+        print(format_table([Check(**check) for check in report["parity"]["checks"]]))
     print(f"wrote {args.out}/{report['output']}: {report['adapters']} adapters (rank {report['rank']}) from "
           f"{len(report['tensors'])} tensors of {report['source']}; report in {args.out}/{REPORT_FILE}")
     return 0

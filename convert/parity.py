@@ -1,13 +1,17 @@
 """Numeric parity: the same inputs through the torch original (diffusers, transformers) and the
 converted ppdiffusers library, per part and end to end.
 
-python -m convert.parity --torch SRC --paddle DIR [--exported EXPORT] [--json FILE]     exit 1 when any check fails
+python -m convert.parity --src SRC --library DIR [--export EXPORT] [--lora LORA] [--json FILE]   exit 1 when any check fails
 
 With `--exported` (a folder made by `python -m export`), the static (Paddle Inference) and ONNX
 programs it holds are compared with the same torch references too: `unet[static]`, `unet[onnx]`, ...,
 and, when all of UNet, text encoder and VAE are exported, the end-to-end `pipeline[static]` / `pipeline[onnx]`.
 Reduced-precision variants the export holds and this CPU runs (`unet[static-bf16]`, `unet[onnx-int8]`, ...)
 are held to their own bar, relative to the largest torch value: export.precision.RELATIVE_TOLERANCE.
+
+With `--lora` (a LoRA file or a folder holding one, torch or Paddle layout), the library with that LoRA applied
+is compared with diffusers + peft with the same LoRA at scales 0.5 and 1.0, merged and unmerged, and the LoRA's
+Paddle -> torch -> Paddle round trip must be bitwise: convert/lora_parity.py.
 
 Errors are absolute (max |torch - paddle|); the relative figure is max_abs / max |torch|. When the
 library was written in float16 the torch reference gets the same float16-rounded weights, so both
@@ -159,8 +163,9 @@ def quiet_libraries() -> None:
 
 
 def run_parity(torch_src: str, paddle_dir: Path, steps: int = 3, latent_size: int | None = None,
-               exported: Path | None = None, progress: bool = False) -> tuple[list[Check], dict]:
-    """`progress`: name each part on stderr as it starts (a real model takes minutes)."""
+               exported: Path | None = None, progress: bool = False, lora=None) -> tuple[list[Check], dict]:
+    """`progress`: name each part on stderr as it starts (a real model takes minutes). `lora`: a
+    convert.lora_parity.LoRA (read_lora) to check on the library too."""
     import paddle
     import torch
 
@@ -179,6 +184,12 @@ def run_parity(torch_src: str, paddle_dir: Path, steps: int = 3, latent_size: in
     if (sides.paddle_folder / "safety_checker").is_dir():
         parts.append(("safety checker", _safety_checker_checks))
     parts.append((f"pipeline, {steps} steps", lambda sides: _pipeline_checks(sides, latent, steps)))
+    if lora is not None:
+        from convert.lora_parity import lora_checks
+
+        settings["lora"] = str(lora.path)
+        parts.append((f"lora {lora.path.name}", lambda sides: lora_checks(lora, sides.torch_folder, sides.paddle_folder,
+                                                                          latent, sides.half_weights)))
     try:
         with torch.no_grad(), paddle.no_grad():
             for number, (what, run) in enumerate(parts, 1):
@@ -377,11 +388,12 @@ def _release() -> None:
 
 
 def format_table(checks: list[Check]) -> str:
-    rows = [f"{'check':<20} {'max abs':>10} {'max rel':>10} {'tolerance':>10}  result  what"]
+    width = max([20] + [len(check.name) for check in checks])
+    rows = [f"{'check':<{width}} {'max abs':>10} {'max rel':>10} {'tolerance':>10}  result  what"]
     for check in checks:
         tolerance = "exact" if check.tolerance == 0 else f"{check.tolerance:.0e}"
         rows.append(
-            f"{check.name:<20} {check.max_abs:>10.2e} {check.max_rel:>10.2e} {tolerance:>10}  "
+            f"{check.name:<{width}} {check.max_abs:>10.2e} {check.max_rel:>10.2e} {tolerance:>10}  "
             f"{'ok' if check.passed else 'FAIL':<6}  {check.detail}"
         )
     return "\n".join(rows)
@@ -470,6 +482,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the converted ppdiffusers library")
     parser.add_argument("--export", "--exported", dest="exported", type=Path, help="an export of the library (python -m export): also compare its "
                         "static and ONNX programs with torch")
+    parser.add_argument("--lora", type=Path, metavar="FILE_OR_DIR", help="a LoRA for the library (torch: diffusers, "
+                        "peft, kohya; or Paddle): also compare it applied in Paddle with diffusers + peft at scales 0.5 "
+                        "and 1.0 and check its Paddle -> torch -> Paddle round trip is bitwise")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--steps", type=int, default=3, help="denoising steps of the end-to-end run")
     parser.add_argument("--latent-size", type=int, help="latent height/width (default: the UNet's sample_size, at most 32)")
@@ -479,8 +494,13 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.paddle / "model_index.json").is_file():
         raise ConversionError(f"{args.paddle}: not a converted library (no model_index.json)")
     with needs_torch("python -m convert.parity"):
+        lora = None
+        if args.lora is not None:  # read first: bad input is refused before minutes of checks
+            from convert.lora_parity import read_lora
+
+            lora = read_lora(args.lora, args.paddle)
         checks, settings = run_parity(args.torch, args.paddle, steps=args.steps, latent_size=args.latent_size,
-                                      exported=args.exported, progress=not args.quiet)
+                                      exported=args.exported, progress=not args.quiet, lora=lora)
     print(format_table(checks))
     result = to_json(checks, settings)
     if args.json:

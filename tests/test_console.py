@@ -80,7 +80,8 @@ SPELLINGS = {
     "convert": ["--src SRC", "--components EXPORT_COMPONENTS, --export-components", "--onnx, --no-onnx"],
     "export": ["--library MODEL, --model MODEL", "--components COMPONENTS, --export-components", "--onnx, --no-onnx"],
     "convert.parity": ["--src TORCH, --torch TORCH", "--library PADDLE, --paddle PADDLE", "--export EXPORTED, --exported"],
-    "convert.verify": ["--src TORCH, --torch TORCH"],
+    "convert.verify": ["--src TORCH, --torch TORCH", "[FOLDER]", "--folder FOLDER the same as FOLDER"],
+    "convert.publish": ["[FOLDER]", "--folder FOLDER the same as FOLDER"],
     "riffusion.server": ["--library CHECKPOINT, --checkpoint CHECKPOINT", "--export EXPORT, --exported EXPORT"],
 }
 

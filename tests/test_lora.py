@@ -1,6 +1,7 @@
 """LoRA interchange (python -m convert.lora) on the tiny model: diffusers / peft, older diffusers and kohya
 files to Paddle with parity against diffusers + peft at scales 0.5 and 1.0, Paddle -> torch -> Paddle bitwise,
-a fused library against the unfused LoRA, and bad inputs refused with nothing written."""
+a fused library against the unfused LoRA, and bad inputs refused with nothing written; the same LoRA checks
+in the parity command CI runs (python -m convert.parity --lora)."""
 
 import json
 import subprocess
@@ -83,15 +84,18 @@ def paddle_lora(peft_lora, paddle_library, torch_repo, tmp_path_factory):
     return out, json.loads((out / "lora_report.json").read_text())
 
 
+LORA_CHECKS = {f"{check}@{scale}" for check in ("lora_unet", "lora_unet_unfused", "lora_text_encoder", "lora_fused_unfused")
+               for scale in ("0.5", "1")} | {"lora_round_trip[diffusers]", "lora_round_trip[kohya]"}
+
+
 def test_peft_lora_matches_diffusers_in_paddle(peft_lora, paddle_lora):
     """UNet (fused and unfused) and text encoder with the converted LoRA match diffusers + peft with the source
     at scales 0.5 and 1.0 (max abs <= 1e-4; measured <= 1.7e-5), and the report accounts for every tensor."""
     out, report = paddle_lora
-    checks = {(item["check"], item["scale"]) for item in report["parity"]}
-    assert {check for check, _ in checks} == {"unet fused vs diffusers", "unet unfused vs diffusers",
-                                              "text_encoder fused vs diffusers", "unet fused vs unfused"}
-    assert {scale for _, scale in checks} == {0.5, 1.0}
-    assert all(item["max_abs"] <= 1e-4 for item in report["parity"])
+    checks = report["parity"]["checks"]
+    assert {check["name"] for check in checks} == LORA_CHECKS and report["parity"]["passed"]
+    assert all(check["max_abs"] <= 1e-4 and check["passed"] for check in checks)
+    assert all(check["max_abs"] == 0 for check in checks if check["name"].startswith("lora_round_trip"))
     source = load_file(str(peft_lora))
     assert set(report["tensors"]) == set(source) and report["adapters"] == len(source) // 2
     converted = load_file(str(out / "paddle_lora_weights.safetensors"))
@@ -105,7 +109,9 @@ def test_kohya_lora_with_alpha_and_locon(kohya_lora, paddle_library, torch_repo,
     result = _convert("--src", kohya_lora, "--out", out, "--base", paddle_library, "--parity", torch_repo)
     assert result.returncode == 0, result.stderr
     report = json.loads((out / "lora_report.json").read_text())
-    assert all(item["max_abs"] <= 1e-4 for item in report["parity"]) and len(report["parity"]) == 8
+    checks = report["parity"]["checks"]
+    assert {check["name"] for check in checks} == LORA_CHECKS and all(check["passed"] for check in checks)
+    assert all(check["max_abs"] <= 1e-4 for check in checks)
     converted = load_file(str(out / "paddle_lora_weights.safetensors"))
     assert converted["unet.down_blocks.0.resnets.0.conv1.lora.down.weight"].shape == (RANK, 32, 3, 3)
     assert "lora_unet_down_blocks_0_resnets_0_conv1.alpha" in report["tensors"]
@@ -222,3 +228,59 @@ def test_bad_lora_inputs(paddle_library, tmp_path, case, message):
     result = _convert("--src", src, "--out", tmp_path / "out", "--base", paddle_library)
     assert message in _error_line(result)
     assert "this ran" not in result.stdout and not (tmp_path / "out").exists()
+
+
+def test_parity_command_checks_a_paddle_lora(paddle_lora, paddle_library, torch_repo, tmp_path):
+    """python -m convert.parity --lora (a Paddle LoRA, as riffusion.train writes it; diffusers gets it in its own
+    layout) adds the LoRA rows to the library's parity table, each printed with max abs / rel error: UNet merged
+    and unmerged and text encoder against diffusers + peft at scales 0.5 and 1.0 within 1e-4, merged against
+    unmerged, and the bitwise Paddle -> diffusers / kohya -> Paddle round trip; exit 0, the JSON holds them."""
+    result = subprocess.run([sys.executable, "-m", "convert.parity", "--src", str(torch_repo), "--library",
+                             str(paddle_library), "--lora", str(paddle_lora[0]), "--steps", "1", "--json",
+                             str(tmp_path / "parity.json")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    print(result.stdout)
+    assert "parity [7/7]: lora paddle_lora_weights.safetensors" in result.stderr
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()}
+    assert LORA_CHECKS <= set(rows) and "unet" in rows and result.stdout.endswith("parity: all checks passed\n")
+    for name in LORA_CHECKS:
+        max_abs, max_rel, tolerance, verdict = rows[name][1:5]
+        assert verdict == "ok" and float(max_abs) <= (0 if "round_trip" in name else 1e-4) and float(max_rel) >= 0
+    saved = json.loads((tmp_path / "parity.json").read_text())
+    assert saved["passed"] and saved["settings"]["lora"].endswith("paddle_lora_weights.safetensors")
+    assert LORA_CHECKS <= {check["name"] for check in saved["checks"]}
+
+
+def test_lora_parity_fails_on_a_wrongly_applied_lora(paddle_lora, paddle_library, torch_repo, monkeypatch):
+    """The checks catch a LoRA merged at the wrong strength (1.1x the scale): the merged rows fail with their
+    numbers, the unmerged ones, which do not use the merge, still pass."""
+    from convert.lora_parity import lora_checks, read_lora
+    from riffusion import lora
+
+    applied = lora.apply_tensors
+    monkeypatch.setattr(lora, "apply_tensors", lambda pipe, tensors, scale, *rest: applied(pipe, tensors, scale * 1.1))
+    checks = {check.name: check for check in lora_checks(read_lora(paddle_lora[0], paddle_library), torch_repo,
+                                                          paddle_library, scales=(1.0,))}
+    print({name: check.max_abs for name, check in checks.items()})
+    assert not checks["lora_unet@1"].passed and checks["lora_unet@1"].max_abs > 1e-3
+    assert not checks["lora_text_encoder@1"].passed and not checks["lora_fused_unfused@1"].passed
+    assert checks["lora_unet_unfused@1"].passed and checks["lora_round_trip[kohya]"].passed
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "no_such_lora.safetensors: no such file or folder"),
+    ("sd2", "a LoRA for SD 2.x: cross-attention width 1024, the base has 32"),
+])
+def test_parity_command_refuses_a_bad_lora_in_one_line(paddle_library, torch_repo, tmp_path, case, message):
+    """A missing LoRA or one made for another base (the other refusals are convert.lora's, tested above): one line,
+    exit 1, before any check runs, and no --json written."""
+    attn2 = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    src = tmp_path / "no_such_lora.safetensors"
+    if case == "sd2":
+        src = _bad(tmp_path, "a.safetensors", {f"{attn2}.lora_A.weight": np.zeros((4, 1024), np.float32),
+                                               f"{attn2}.lora_B.weight": np.zeros((32, 4), np.float32)})
+    result = subprocess.run([sys.executable, "-m", "convert.parity", "--src", str(torch_repo), "--library",
+                             str(paddle_library), "--lora", str(src), "--json", str(tmp_path / "parity.json")],
+                            capture_output=True, text=True)
+    assert message in _error_line(result) and "parity [" not in result.stderr
+    assert not (tmp_path / "parity.json").exists()

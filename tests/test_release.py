@@ -111,8 +111,10 @@ def test_card_renders_with_real_numbers(release, manifest):
     assert f"`{manifest['versions']['ppdiffusers']}`" in card
 
 
-def test_verify_accepts_the_release(release, capsys):
-    assert verify_main([str(release)]) == 0
+@pytest.mark.parametrize("spelling", [[], ["--folder"]])
+def test_verify_accepts_the_release(release, capsys, spelling):
+    """FOLDER, or --folder FOLDER (the alias publish also takes)."""
+    assert verify_main([*spelling, str(release)]) == 0
     out = capsys.readouterr().out
     assert "0 missing, 0 extra, 0 changed" in out and "verify: OK" in out
 
@@ -216,8 +218,10 @@ def fake_hub(monkeypatch, tmp_path):
     return FakeHub.calls
 
 
-def test_publish_dry_run_verifies_and_sends_nothing(release, fake_hub, capsys):
-    assert publish_main(["--folder", str(release), "--repo-id", REPO_ID, "--dry-run"]) == 0
+@pytest.mark.parametrize("spelling", [[], ["--folder"]])
+def test_publish_dry_run_verifies_and_sends_nothing(release, fake_hub, capsys, spelling):
+    """FOLDER, as verify takes it, or --folder FOLDER (publish's first spelling, kept as an alias)."""
+    assert publish_main([*spelling, str(release), "--repo-id", REPO_ID, "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "verified" in out and "dry run: nothing uploaded" in out
     assert "unet/diffusion_paddle_model.safetensors" in out and "manifest.json" in out
@@ -243,6 +247,16 @@ def test_publish_refuses_a_tampered_release(release_copy, fake_hub, monkeypatch,
     err = capsys.readouterr().err
     assert "fails verify (changed README.md" in err and "refusing to publish" in err
     assert fake_hub == []
+
+
+@pytest.mark.parametrize("command", [verify_main, publish_main])
+def test_verify_and_publish_need_one_release_folder(command, release, tmp_path, capsys):
+    """Neither FOLDER nor --folder, or two different folders: a usage error (status 2) naming the problem."""
+    for args, problem in (([], "the release folder is required: FOLDER (or --folder FOLDER)"),
+                          ([str(release), "--folder", str(tmp_path)], f"two release folders given: {release} and --folder")):
+        with pytest.raises(SystemExit) as ended:
+            command([*args, "--repo-id", REPO_ID] if command is publish_main else args)
+        assert ended.value.code == 2 and problem in capsys.readouterr().err
 
 
 def test_publish_needs_a_token(release, fake_hub, capsys):
