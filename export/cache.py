@@ -10,6 +10,7 @@ changed library or tool exports again instead of running stale programs.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -65,10 +66,22 @@ def cached_export(library: Path, quiet: bool = False) -> Path:
     folder = cache_root() / FOLDER / f"{Path(library).resolve().name}-{library_key(library)}"
     if (folder / REPORT_NAME).is_file():
         return folder
-    if not quiet:
-        print(f"{library}: no exported programs; exporting its UNet's static program once (minutes for a "
-              f"full-size model), cached in {folder}", file=sys.stderr, flush=True)
-    export_library(library, folder, components=("unet",), onnx=False, quiet=quiet)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Processes starting together (server replicas on one machine) export once: the others wait, then reuse it.
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not quiet:
+                print(f"{library}: another process is exporting its UNet into {folder}; waiting for it",
+                      file=sys.stderr, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if (folder / REPORT_NAME).is_file():
+            return folder
+        if not quiet:
+            print(f"{library}: no exported programs; exporting its UNet's static program once (minutes for a "
+                  f"full-size model), cached in {folder}", file=sys.stderr, flush=True)
+        export_library(library, folder, components=("unet",), onnx=False, quiet=quiet)
     return folder
 
 

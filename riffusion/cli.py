@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 from riffusion.console import HelpFormatter, add_version, command, quiet_third_party
 from riffusion.errors import InputError
+from riffusion.model_options import ModelOptions, add_model_options, finite
 
 
 class CommandError(InputError):
@@ -80,31 +80,7 @@ def _write_together(writes: dict[Path, object]) -> None:
 
 
 def _pipeline(args):
-    if not (args.checkpoint / "model_index.json").is_file():
-        raise CommandError(f"{args.checkpoint}: not a converted library (no model_index.json); make one with python -m convert")
-    if args.export is not None and not args.export.is_dir():
-        raise CommandError(f"{args.export}: no such export folder; make one with python -m export")
-    from export.cache import export_for
-    from riffusion.pipeline import RiffusionPipeline
-
-    runtime = args.runtime or ("dynamic" if args.lora else None)  # a LoRA is fused into the dynamic models only
-    exported = export_for(args.checkpoint, args.export, runtime)
-    pipeline = RiffusionPipeline.from_pretrained(args.checkpoint, progress=True, exported=exported, runtime=runtime,
-                                                 precision=args.precision, scheduler=args.scheduler,
-                                                 lora=args.lora, lora_scale=args.lora_scale)
-    print(f"running: {_runtimes(pipeline.pipe)}", file=sys.stderr, flush=True)
-    return pipeline
-
-
-def _runtimes(pipe) -> str:
-    """Which engine runs each part of the loaded pipeline, as the user should know it."""
-    def engine(model) -> str:
-        session = getattr(model, "session", None) or getattr(getattr(model, "decoder", None), "session", None)
-        if session is None:
-            return "Paddle dynamic"
-        return "onnxruntime" if type(session).__name__ == "OnnxSession" else "Paddle Inference"
-
-    return ", ".join(f"{name} {engine(getattr(pipe, name))}" for name in ("unet", "text_encoder", "vae"))
+    return ModelOptions.from_args(args).load(progress=True)
 
 
 def _save_image_and_audio(image: Image.Image, out: Path) -> None:
@@ -193,18 +169,8 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _finite(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
 def _fraction(text: str) -> float:
-    value = _finite(text)
+    value = finite(text)
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
     return value
@@ -220,26 +186,6 @@ def _width(text: str) -> int:
 PROMPT_HELP = ("weights as in riffusion-app: \"(caribbean:1.5) (jazz:0.3)\", (x) = 1.1, [x] = 1/1.1; "
                "up to 225 tokens (riffusion.prompts)")
 MAX_WIDTH = 6000  # columns: 60 s, the longest spectrogram decoded to audio (riffusion.spectrogram.MAX_STFT_CELLS)
-
-
-def _model_options(command) -> None:
-    command.add_argument("--library", "--checkpoint", dest="checkpoint", type=Path, required=True,
-                         help="a library made by python -m convert, or a release folder (convert --release)")
-    command.add_argument("--export", "--exported", dest="export", type=Path,
-                         help="a folder made by python -m export (default: a release's own export/; for a plain "
-                              "library its UNet's static program, exported once on first use into the user cache, "
-                              "~/.cache/riffusion-paddle or $RIFFUSION_PADDLE_CACHE)")
-    command.add_argument("--runtime", choices=("dynamic", "static", "onnx"),
-                         help="static: Paddle Inference; onnx: onnxruntime (needs an export made with --onnx); "
-                              "dynamic: Paddle's eager mode, about 20x slower on CPU. Default: the fastest the "
-                              "export timed when it was made (dynamic with --lora). The command prints which engine "
-                              "runs each part")
-    command.add_argument("--precision", choices=("fp32", "bf16", "int8"),
-                         help="default: that of the fastest variant the export holds that this CPU runs")
-    command.add_argument("--scheduler", choices=("library", "dpmsolver++"), default="library",
-                         help="the library's own scheduler (PNDM for riffusion) or DPM-Solver++, which needs fewer steps")
-    command.add_argument("--lora", type=Path, help="a LoRA run folder (python -m riffusion.train) or converted LoRA")
-    command.add_argument("--lora-scale", type=_finite, default=1.0, help="LoRA strength; 0 is the base model")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -260,11 +206,11 @@ def parser() -> argparse.ArgumentParser:
     c = commands.add_parser("text-to-audio", formatter_class=HelpFormatter, help="a prompt to a spectrogram image and its audio")
     c.add_argument("prompt", help=PROMPT_HELP)
     c.add_argument("output", type=Path, help="audio file; the image is written beside it as .png")
-    _model_options(c)
+    add_model_options(c)
     c.add_argument("--negative-prompt", help="what the image should not hold")
     c.add_argument("--seed", type=int, default=0, help="random seed of the initial noise")
     c.add_argument("--steps", type=_positive_int, default=50, help="denoising steps")
-    c.add_argument("--guidance", type=_finite, default=7.0, help="classifier-free guidance scale")
+    c.add_argument("--guidance", type=finite, default=7.0, help="classifier-free guidance scale")
     c.add_argument("--width", type=_width, default=512, help=f"multiple of 8 up to {MAX_WIDTH}; 512 is 5.12 s")
     c.set_defaults(run=text_to_audio)
 
@@ -272,14 +218,14 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("start", help=PROMPT_HELP)
     c.add_argument("end")
     c.add_argument("output", type=Path, help="audio file; the image is written beside it as .png")
-    _model_options(c)
+    add_model_options(c)
     c.add_argument("--alpha", type=_fraction, default=0.5, help="0 is the start prompt and seed, 1 the end")
     c.add_argument("--start-seed", type=int, default=0, help="noise seed of the start")
     c.add_argument("--end-seed", type=int, default=1, help="noise seed of the end")
     c.add_argument("--seed-image", type=Path, default=Path("og_beat"), help="a library id (og_beat, ...) or an image file")
     c.add_argument("--mask", type=Path, help="a library mask id or an image file")
     c.add_argument("--denoising", type=_fraction, default=0.75, help="how much of the seed image is repainted")
-    c.add_argument("--guidance", type=_finite, default=7.0, help="classifier-free guidance scale")
+    c.add_argument("--guidance", type=finite, default=7.0, help="classifier-free guidance scale")
     c.add_argument("--steps", type=_positive_int, default=50, help="denoising steps")
     c.set_defaults(run=interpolate)
 

@@ -18,6 +18,8 @@ import paddle
 from PIL import Image
 from tqdm import tqdm
 
+from riffusion.model_options import SCHEDULERS
+
 
 @dataclass(frozen=True)
 class PromptInput:
@@ -63,14 +65,6 @@ class PreparedInterpolation:
         return self.num_inference_steps, self.t_start, tuple(self.latents.shape), self.mask is None
 
 
-# name -> (ppdiffusers class, config overrides); "library": the scheduler the model ships with (PNDM for
-# riffusion-model-v1). DPM-Solver++ (2nd-order multistep) reaches a comparable image in fewer steps.
-SCHEDULERS = {
-    "library": None,
-    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-}
-
-
 def make_scheduler(library_scheduler, name: str | None):
     """The scheduler called `name` (see SCHEDULERS), configured from the library's own scheduler's config."""
     import ppdiffusers
@@ -82,6 +76,13 @@ def make_scheduler(library_scheduler, name: str | None):
         return library_scheduler
     class_name, overrides = SCHEDULERS[name]
     return getattr(ppdiffusers, class_name).from_config(library_scheduler.config, **overrides)
+
+
+def _holds(exported, *components: str) -> bool:
+    """Whether an export folder holds programs of every one of `components`."""
+    from pathlib import Path
+
+    return exported is not None and all((Path(exported) / name).is_dir() for name in components)
 
 
 class RiffusionPipeline:
@@ -108,25 +109,12 @@ class RiffusionPipeline:
         dynamic mode. `scheduler`: see SCHEDULERS (default: the library's own). `lora`: a LoRA folder or
         file (riffusion.train, convert.lora), fused into the dynamic UNet and text encoder at `lora_scale`
         (0 gives the base model exactly)."""
-        from pathlib import Path
+        from export.runtime import load_pipeline
 
-        from riffusion.layout import EXPORT_FOLDER
-        from export.runtime import choose_variant, load_pipeline
-
-        if runtime is None and lora is not None:
-            runtime = "dynamic"  # a LoRA is fused into the dynamic models only
-        if exported is None and runtime != "dynamic" and (Path(checkpoint) / EXPORT_FOLDER / "unet").is_dir():
-            exported = Path(checkpoint) / EXPORT_FOLDER
-        if runtime == "dynamic" or exported is None:
-            if precision not in (None, "fp32"):
-                raise ValueError(f"precision {precision} needs an export (--export): Paddle dynamic mode runs fp32")
-            runtime, precision = "dynamic", "fp32"
-        else:
-            runtime, precision = choose_variant(exported, runtime, precision)
+        exported, runtime, precision = cls.plan(checkpoint, exported, runtime, precision, lora)
 
         def backend(*components: str) -> str:
-            present = exported is not None and all((Path(exported) / name).is_dir() for name in components)
-            return runtime if present else "dynamic"
+            return runtime if _holds(exported, *components) else "dynamic"
 
         # Spectrograms are not photographs: riffusion-hobby runs without the NSFW image filter too.
         options = {"precision": precision} if runtime != "dynamic" else {}
@@ -134,16 +122,37 @@ class RiffusionPipeline:
                              vae=backend("vae_encoder", "vae_decoder"), **options)
         if lora is not None:
             from riffusion import lora as adapters
-            from riffusion.errors import InputError
 
-            if backend("unet") != "dynamic" or backend("text_encoder") != "dynamic":
-                raise InputError("--lora needs the dynamic runtime (--runtime dynamic); for static or ONNX programs "
-                                 "fuse the LoRA into a library (python -m convert.lora --fuse) and export that")
             adapters.apply(pipe, lora, lora_scale)
         pipe.scheduler = make_scheduler(pipe.scheduler, scheduler)
         pipeline = cls(pipe, progress)
         pipeline.runtime, pipeline.precision = runtime, precision
         return pipeline
+
+    @staticmethod
+    def plan(checkpoint: str, exported: str | None = None, runtime: str | None = None, precision: str | None = None,
+             lora: str | None = None) -> tuple[str | None, str, str]:
+        """(export folder, runtime, precision) that from_pretrained loads, checked without loading any
+        weights: InputError (ExportError) for a combination that cannot run."""
+        from pathlib import Path
+
+        from export.runtime import choose_variant
+        from riffusion.errors import InputError
+        from riffusion.layout import EXPORT_FOLDER
+
+        if runtime is None and lora is not None:
+            runtime = "dynamic"  # a LoRA is fused into the dynamic models only
+        if exported is None and runtime != "dynamic" and (Path(checkpoint) / EXPORT_FOLDER / "unet").is_dir():
+            exported = Path(checkpoint) / EXPORT_FOLDER
+        if runtime == "dynamic" or exported is None:
+            if precision not in (None, "fp32"):
+                raise InputError(f"precision {precision} needs an export (--export): Paddle dynamic mode runs fp32")
+            return None, "dynamic", "fp32"
+        runtime, precision = choose_variant(exported, runtime, precision)
+        if lora is not None and (_holds(exported, "unet") or _holds(exported, "text_encoder")):
+            raise InputError("--lora needs the dynamic runtime (--runtime dynamic); for static or ONNX programs "
+                             "fuse the LoRA into a library (python -m convert.lora --fuse) and export that")
+        return exported, runtime, precision
 
     @property
     def vae_scale(self) -> int:

@@ -3,7 +3,12 @@ requests of different users batched into shared UNet calls (riffusion.batching).
 
     python -m riffusion.serve --checkpoint DIR [--host 127.0.0.1] [--port 3013] [--replicas 1]
         [--max-batch-size 4] [--batch-wait-s 0.05] [--address auto|ray://HOST:10001]
+        [--export DIR] [--runtime R] [--precision P] [--scheduler S] [--lora RUN] [--lora-scale X]
     serve run riffusion/serve_config.yaml          # or: serve deploy riffusion/serve_config.yaml
+
+The model options are riffusion.model_options's, as the CLI and the stdlib server take them; the config
+file's `args` are the same options in snake_case, read by the same parser. Every replica gets them and
+loads the model as the CLI does (a plain library's UNet from its node's export cache).
 
 Two deployments. `RiffusionIngress` answers HTTP: it parses and answers with riffusion.app_api, the
 stdlib server's module (same validation, same bytes), and turns every failure into a JSON error with
@@ -25,7 +30,6 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from http import HTTPStatus
-from pathlib import Path
 
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
@@ -36,7 +40,10 @@ from starlette.responses import Response
 from riffusion import app_api
 from riffusion import seed_images as seeds  # `seed_images` is the folder argument's name below
 from riffusion.app_api import BadRequest, Reply
+from riffusion.console import HelpFormatter, quiet_third_party
 from riffusion.errors import InputError
+from riffusion.model_options import ModelOptions, add_model_options
+from riffusion.ports import check_free, port_number
 
 APP_NAME = "riffusion"
 DEFAULT_MAX_BATCH_SIZE = 4
@@ -63,15 +70,12 @@ class RiffusionModel:
     """One pipeline per replica; requests arriving within `batch_wait_s` of each other (up to
     `max_batch_size`) run as one batch. Batching is live-tunable through user_config."""
 
-    def __init__(self, checkpoint: str, export: str | None = None, runtime: str | None = None,
-                 seed_images: str | None = None):
-        from riffusion.pipeline import RiffusionPipeline
-
-        self.seed_folder = seeds.folder_for(checkpoint, seed_images)
+    def __init__(self, options: ModelOptions, seed_images: str | None = None):
+        self.seed_folder = seeds.folder_for(options.checkpoint, seed_images)
         # One thread owns the pipeline: Paddle Inference predictors fail when called from another thread.
         self.owner = ThreadPoolExecutor(1, thread_name_prefix="riffusion-model")
-        self.pipeline = self.owner.submit(RiffusionPipeline.from_pretrained, checkpoint, exported=export,
-                                          runtime=runtime).result()
+        # loaded as the CLI and the stdlib server load it (a plain library's UNet from this node's export cache)
+        self.pipeline = self.owner.submit(options.load).result()
         self.busy = 0  # requests inside this replica (waiting for a batch or in one)
         # A replica whose model cannot run fails here, before Serve sends it requests; the probe also
         # warms the model up, so that Serve's first health check finds it healthy without running it.
@@ -193,80 +197,99 @@ def _cause(error: RayTaskError) -> str:
     return f"{type(cause).__name__}: {cause}" if cause is not None else str(error).splitlines()[0]
 
 
-def build(checkpoint: str, export: str | None = None, runtime: str | None = None, seed_images: str | None = None,
-          replicas: int = 1, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, batch_wait_s: float = DEFAULT_BATCH_WAIT_S,
+def build(options: ModelOptions, seed_images: str | None = None, replicas: int = 1,
+          max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, batch_wait_s: float = DEFAULT_BATCH_WAIT_S,
           max_queued: int = DEFAULT_MAX_QUEUED, max_steps: int = app_api.DEFAULT_MAX_STEPS,
           request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S, num_cpus: float = 1, num_gpus: float = 0):
-    """The Serve application: ingress + `replicas` model replicas."""
-    if not (Path(checkpoint) / "model_index.json").is_file():
-        raise InputError(f"{checkpoint}: not a converted library (no model_index.json)")
-    seeds.folder_for(checkpoint, seed_images)
+    """The Serve application: ingress + `replicas` model replicas, each loading the model with `options`.
+    InputError for what can be checked here (the library, export, LoRA and seed folders)."""
+    options.check()
+    seeds.folder_for(options.checkpoint, seed_images)
     model = RiffusionModel.options(
         num_replicas=replicas, ray_actor_options={"num_cpus": num_cpus, "num_gpus": num_gpus},
         max_ongoing_requests=max_batch_size + max_queued, max_queued_requests=max_queued * replicas,
         graceful_shutdown_timeout_s=request_timeout_s,
         user_config={"max_batch_size": max_batch_size, "batch_wait_s": batch_wait_s},
-    ).bind(checkpoint, export, runtime, seed_images)
+    ).bind(options, seed_images)  # Serve gives every replica these arguments
     # a stopping ingress waits for its requests' answers as long as a request may take
     return RiffusionIngress.options(graceful_shutdown_timeout_s=request_timeout_s).bind(
-        model, checkpoint, seed_images, max_steps, request_timeout_s)
+        model, str(options.checkpoint), seed_images, max_steps, request_timeout_s)
+
+
+def _build(args: argparse.Namespace):
+    return build(ModelOptions.from_args(args), args.seed_images, args.replicas, args.max_batch_size, args.batch_wait_s,
+                 args.max_queued, args.max_steps, args.request_timeout_s, args.num_cpus, args.num_gpus)
+
+
+class _ConfigArgs(argparse.ArgumentParser):
+    def error(self, message):
+        raise InputError(f"application args: {message}")
 
 
 def app_builder(args: dict):
-    """`serve run riffusion.serve:app_builder checkpoint=DIR ...` and serve_config.yaml's import_path."""
-    known = set(build.__code__.co_varnames[:build.__code__.co_argcount])
+    """`serve run riffusion.serve:app_builder checkpoint=DIR ...` and serve_config.yaml's import_path: `args`
+    are the command line's options (snake_case names), read and checked by its own parser."""
+    parser = _parser(_ConfigArgs)
+    known = {action.dest for action in parser._actions if action.dest != "help"}
     unknown = set(args) - known
     if unknown:
         raise InputError(f"unknown application args {sorted(unknown)} (known: {sorted(known)})")
-    numbers = {"replicas": int, "max_batch_size": int, "max_queued": int, "max_steps": int, "batch_wait_s": float,
-               "request_timeout_s": float, "num_cpus": float, "num_gpus": float}
-    return build(**{key: numbers.get(key, str)(value) if value is not None else None for key, value in args.items()})
+    argv = [part for key, value in args.items() if value is not None
+            for part in (f"--{key.replace('_', '-')}", str(value))]
+    return _build(parser.parse_args(argv))
 
 
-def _positive(kind):
+def _number(kind, low: float, high: float = math.inf, low_open: bool = False):
     def parse(text: str):
-        value = kind(text)
-        if not value > 0 or (kind is float and not math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+        if not (low < value if low_open else low <= value) or not value <= high or not math.isfinite(value):
+            if high < math.inf:
+                raise argparse.ArgumentTypeError(f"must be in [{low:g}, {high:g}], got {text}")
+            raise argparse.ArgumentTypeError(f"must be {'more than' if low_open else 'at least'} {low:g}, got {text}")
         return value
 
     return parse
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m riffusion.serve", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                     description="riffusion-app's inference server on Ray Serve (replicas, batching)")
-    parser.add_argument("--checkpoint", required=True, help="a ppdiffusers library made by `python -m convert` "
-                        "(a release folder brings its own export/ and seed_images/); on a cluster, a path every node has")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=3013)
-    parser.add_argument("--export", help="a folder made by python -m export: run its static or ONNX programs")
-    parser.add_argument("--runtime", choices=("dynamic", "static", "onnx"),
-                        help="default: the fastest the export holds (onnx, else static), dynamic without --export")
+def _parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The application's options, shared by the command line and serve_config.yaml's args."""
+    parser = parser_class(prog="python -m riffusion.serve", formatter_class=HelpFormatter,
+                          description="riffusion-app's inference server on Ray Serve (replicas, batching)")
+    add_model_options(parser)
     parser.add_argument("--seed-images", help="folder of seed images and masks (default: the release's seed_images/, "
                         "else the built-in library)")
-    parser.add_argument("--replicas", type=_positive(int), default=1, help="model replicas (one pipeline each)")
-    parser.add_argument("--max-batch-size", type=_positive(int), default=DEFAULT_MAX_BATCH_SIZE,
+    parser.add_argument("--replicas", type=_number(int, 1), default=1, help="model replicas (one pipeline each)")
+    parser.add_argument("--max-batch-size", type=_number(int, 1), default=DEFAULT_MAX_BATCH_SIZE,
                         help="requests per shared UNet call")
-    parser.add_argument("--batch-wait-s", type=float, default=DEFAULT_BATCH_WAIT_S,
+    parser.add_argument("--batch-wait-s", type=_number(float, 0, 60), default=DEFAULT_BATCH_WAIT_S,
                         help="how long a request waits for others to batch with")
-    parser.add_argument("--max-queued", type=_positive(int), default=DEFAULT_MAX_QUEUED,
+    parser.add_argument("--max-queued", type=_number(int, 1), default=DEFAULT_MAX_QUEUED,
                         help="requests that may wait per replica beyond its batch; more get 503 with Retry-After")
-    parser.add_argument("--max-steps", type=_positive(int), default=app_api.DEFAULT_MAX_STEPS,
+    parser.add_argument("--max-steps", type=_number(int, 1, app_api.STEPS_LIMIT), default=app_api.DEFAULT_MAX_STEPS,
                         help="run at most this many denoising steps per request")
-    parser.add_argument("--request-timeout-s", type=_positive(float), default=DEFAULT_REQUEST_TIMEOUT_S,
+    parser.add_argument("--request-timeout-s", type=_number(float, 0, low_open=True), default=DEFAULT_REQUEST_TIMEOUT_S,
                         help="a request not answered by then gets 504")
-    parser.add_argument("--num-cpus", type=_positive(float), default=1, help="CPUs Ray reserves per model replica")
-    parser.add_argument("--num-gpus", type=float, default=0, help="GPUs Ray reserves per model replica")
+    parser.add_argument("--num-cpus", type=_number(float, 0, low_open=True), default=1,
+                        help="CPUs Ray reserves per model replica")
+    parser.add_argument("--num-gpus", type=_number(float, 0), default=0, help="GPUs Ray reserves per model replica")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=port_number, default=3013)
     parser.add_argument("--address", help="a running Ray cluster (auto, or ray://HOST:10001); default: start one here")
     args = parser.parse_args(argv)
-    if not 0 <= args.batch_wait_s <= 60 or args.max_steps > app_api.STEPS_LIMIT or args.num_gpus < 0:
-        parser.error("--batch-wait-s must be in [0, 60], --max-steps at most "
-                     f"{app_api.STEPS_LIMIT}, --num-gpus at least 0")
+    quiet_third_party()
     try:
-        app = build(args.checkpoint, args.export, args.runtime, args.seed_images, args.replicas, args.max_batch_size,
-                    args.batch_wait_s, args.max_queued, args.max_steps, args.request_timeout_s, args.num_cpus,
-                    args.num_gpus)
+        app = _build(args)
+        if args.address is None:  # on a cluster the HTTP proxies run on its nodes, and the replicas export there
+            check_free(args.host, args.port)
+            ModelOptions.from_args(args).prepare()  # checked, and exported once here for this machine's replicas
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -275,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    code = 0
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(app, name=APP_NAME, route_prefix="/")
@@ -284,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
             pass
     except KeyboardInterrupt:
         pass
+    except RuntimeError as error:  # Serve's "Deploying application riffusion failed: ..."
+        print(f"error: the model replicas did not start: {_replica_error(error)}", file=sys.stderr)
+        code = 1
     finally:
         print("stopping (in-flight requests finish first)", file=sys.stderr, flush=True)
         if args.address is None:
@@ -291,7 +318,19 @@ def main(argv: list[str] | None = None) -> int:
         else:  # a shared cluster: leave its other applications alone
             serve.delete(APP_NAME)
         ray.shutdown()
-    return 0
+    return code
+
+
+def _replica_error(error: RuntimeError) -> str:
+    """The last exception line of the failed deployment's message (a replica's constructor traceback), without
+    its class name; Serve's own message when there is none."""
+    try:
+        deployments = serve.status().applications[APP_NAME].deployments.values()
+        text = "\n".join(deployment.message for deployment in deployments if deployment.message)
+    except Exception:  # Serve itself is what failed
+        text = ""
+    errors = [line.strip() for line in text.splitlines() if "Error: " in line]
+    return errors[-1].split("Error: ", 1)[1] if errors else str(error).splitlines()[0]
 
 
 if __name__ == "__main__":

@@ -26,6 +26,9 @@ from pathlib import Path
 from riffusion import app_api, seed_images
 from riffusion.app_api import BadRequest, Reply
 from riffusion.console import HelpFormatter, add_version, quiet_third_party
+from riffusion.errors import InputError
+from riffusion.model_options import ModelOptions, add_model_options
+from riffusion.ports import listen_error, port_number
 from riffusion.worker import Busy, Cancelled, InferenceWorker
 
 SOCKET_TIMEOUT_S = 30.0  # a client that sends or reads nothing for this long loses its connection
@@ -135,11 +138,16 @@ def make_server(pipeline, host: str = "127.0.0.1", port: int = 3013, seed_folder
                 max_steps: int = app_api.DEFAULT_MAX_STEPS, max_pending: int = DEFAULT_MAX_PENDING,
                 socket_timeout_s: float = SOCKET_TIMEOUT_S) -> RiffusionServer:
     """A server for `pipeline` (which must not have run on another thread: its worker thread runs it
-    from now on). Call `serve_forever()`, then `close(server)`."""
+    from now on; it may be set as `server.pipeline` later, before serve_forever, so that the port is
+    taken before a long model load). Call `serve_forever()`, then `close(server)`. InputError when the
+    port cannot be listened on."""
     if not 1 <= max_steps <= app_api.STEPS_LIMIT:
         raise ValueError(f"max_steps must be in [1, {app_api.STEPS_LIMIT}], got {max_steps}")
     handler = type("Handler", (Handler,), {"timeout": socket_timeout_s})
-    server = RiffusionServer((host, port), handler)
+    try:
+        server = RiffusionServer((host, port), handler)
+    except OSError as error:
+        raise listen_error(host, port, error) from None
     server.pipeline = pipeline
     server.seed_folder = Path(seed_folder)
     server.max_steps = max_steps
@@ -175,20 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m riffusion.server", description="riffusion-app's inference server on Paddle",
                                      formatter_class=HelpFormatter)
     add_version(parser)
-    parser.add_argument("--library", "--checkpoint", dest="checkpoint", required=True, help="a ppdiffusers library made by `python -m convert` "
-                        "(a release folder brings its own export/ and seed_images/)")
+    add_model_options(parser)
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=3013)
-    parser.add_argument("--export", "--exported", dest="export", help="a folder made by python -m export: run its static or ONNX programs")
-    parser.add_argument("--runtime", choices=("dynamic", "static", "onnx"),
-                        help="default: the fastest the export timed when it was made, dynamic without --export")
-    parser.add_argument("--precision", choices=("fp32", "bf16", "int8"),
-                        help="default: that of the fastest variant the export holds that this CPU runs")
-    parser.add_argument("--scheduler", choices=("library", "dpmsolver++"), default="library",
-                        help="the library's own scheduler (PNDM for riffusion) or DPM-Solver++")
-    parser.add_argument("--lora", help="a LoRA run folder (python -m riffusion.train) or converted LoRA, merged in "
-                        "(dynamic runtime)")
-    parser.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength; 0 is the base model")
+    parser.add_argument("--port", type=port_number, default=3013, help="0: any free port (the server says which)")
     parser.add_argument("--seed-images", help="folder of seed images and masks (default: the release's seed_images/, "
                         "else the built-in library)")
     parser.add_argument("--max-steps", type=_count(app_api.STEPS_LIMIT), default=app_api.DEFAULT_MAX_STEPS,
@@ -199,26 +196,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="requests that may wait for the model; more are answered 503 with Retry-After")
     args = parser.parse_args(argv)
     quiet_third_party()
-    from riffusion.errors import InputError
-
-    if not (Path(args.checkpoint) / "model_index.json").is_file():
-        print(f"error: {args.checkpoint}: not a converted library (no model_index.json)", file=sys.stderr)
-        return 1
+    options = ModelOptions.from_args(args)
     try:
+        options.check()
         seed_folder = seed_images.folder_for(args.checkpoint, args.seed_images)
+        # the port first: one taken by another server is said now, not after minutes of loading
+        server = make_server(None, args.host, args.port, seed_folder, args.max_steps, args.max_pending)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    from riffusion.pipeline import RiffusionPipeline
-
     try:
-        pipeline = RiffusionPipeline.from_pretrained(args.checkpoint, exported=args.export, runtime=args.runtime,
-                                                     precision=args.precision, scheduler=args.scheduler,
-                                                     lora=args.lora, lora_scale=args.lora_scale)
+        server.pipeline = options.load()
     except (InputError, ValueError) as error:
+        close(server)
         print(f"error: {error}", file=sys.stderr)
         return 1
-    server = make_server(pipeline, args.host, args.port, seed_folder, args.max_steps, args.max_pending)
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         print(f"serving riffusion on http://{args.host}:{server.server_port}/run_inference/ "

@@ -25,17 +25,9 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from cluster_check import free_port, tiny_library  # noqa: E402
+from cluster_check import narrow_seeds, tiny_library  # noqa: E402
 
-
-def seeds(root: Path, width: int) -> Path:
-    from riffusion import seed_images
-
-    folder = root / "seed_images"
-    folder.mkdir()
-    for name in seed_images.seed_ids() + seed_images.mask_ids():
-        seed_images.load(name).crop((0, 0, width, 512)).save(folder / f"{name}.png")
-    return folder
+from riffusion.ports import free_port  # noqa: E402
 
 
 def body(index: int, steps: int) -> dict:
@@ -94,13 +86,14 @@ def bench_stdlib(library: Path, seed_folder: Path, args) -> dict:
 def bench_ray(library: Path, seed_folder: Path, args, max_batch_size: int) -> dict:
     from ray import serve
 
+    from riffusion.model_options import ModelOptions
     from riffusion.serve import build
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         # 2 CPUs for the one replica: Paddle uses both cores, as in the stdlib server
-        serve.run(build(str(library), seed_images=str(seed_folder), replicas=1, max_batch_size=max_batch_size,
+        serve.run(build(ModelOptions(library), seed_images=str(seed_folder), replicas=1, max_batch_size=max_batch_size,
                         batch_wait_s=0.05, max_queued=args.requests, num_cpus=2), name="riffusion", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
         wait_until_up(url)
@@ -123,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as temp:
         root = Path(temp)
         library = Path(args.checkpoint) if args.checkpoint else tiny_library(root)
-        seed_folder = seeds(root, args.seed_width)
+        seed_folder = narrow_seeds(root, args.seed_width)
         print(f"model {library.name}, {args.requests} requests from {args.clients} clients, {args.steps} steps, "
               f"seed images {args.seed_width}x512", flush=True)
         results = {"stdlib server": bench_stdlib(library, seed_folder, args)}

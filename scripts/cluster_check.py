@@ -21,7 +21,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,15 +33,11 @@ from pathlib import Path
 import requests
 import yaml
 
+from riffusion.ports import free_port
+
 BIN = Path(sys.executable).parent
 MODEL_ACTOR_CLASS = "ServeReplica:riffusion:RiffusionModel"
 SEED_WIDTH = 64  # seed images cut to 64 columns (0.64 s): the tiny model answers in about a second
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Cluster:
@@ -110,13 +105,14 @@ def tiny_library(root: Path) -> Path:
     return library
 
 
-def narrow_seeds(root: Path) -> Path:
+def narrow_seeds(root: Path, width: int = SEED_WIDTH) -> Path:
+    """The seed image library cut to its first `width` columns, in root/seed_images."""
     from riffusion import seed_images
 
     folder = root / "seed_images"
     folder.mkdir()
     for name in seed_images.seed_ids() + seed_images.mask_ids():
-        seed_images.load(name).crop((0, 0, SEED_WIDTH, 512)).save(folder / f"{name}.png")
+        seed_images.load(name).crop((0, 0, width, 512)).save(folder / f"{name}.png")
     return folder
 
 

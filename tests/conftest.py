@@ -71,3 +71,22 @@ def narrow_seed_folder(tmp_path_factory):
     for name in seed_images.seed_ids() + seed_images.mask_ids():
         seed_images.load(name).crop((0, 0, 32, 512)).save(folder / f"{name}.png")
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_lora(paddle_library, tmp_path_factory):
+    """A rank-2 LoRA on every UNet attention projection of the tiny library, with random (non-zero) up weights
+    so that it changes what the model draws; ppdiffusers' file layout (riffusion.lora)."""
+    import numpy as np
+    from ppdiffusers import UNet2DConditionModel
+
+    from riffusion import lora
+
+    unet = UNet2DConditionModel.from_pretrained(str(paddle_library / "unet"))
+    layers = lora.add_unet_lora(unet, rank=2, alpha=2)
+    rng = np.random.default_rng(5)
+    for layer in layers.values():
+        layer.up.weight.set_value(rng.normal(0.0, 0.5, size=layer.up.weight.shape).astype(np.float32))
+    folder = tmp_path_factory.mktemp("lora")
+    lora.save(lora.state_dict(layers, {}), folder)
+    return folder

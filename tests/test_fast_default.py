@@ -42,3 +42,32 @@ def test_help_says_what_runs():
     result = run("text-to-audio", "--help")
     assert "exported once on first use" in result.stdout and "about 20x slower" in result.stdout
     assert "(default: 50)" in result.stdout  # --steps: defaults shown
+
+
+def test_processes_starting_together_export_once(paddle_library, tmp_path, monkeypatch, capsys):
+    """Model replicas starting together on one machine (riffusion.serve) share the cache: one exports, the others
+    wait for it and reuse its programs (without the lock each exported, and all but one failed on the folder
+    another process was writing)."""
+    import threading
+    import time
+
+    from export import cache, exporter
+
+    calls = []
+
+    def slow_export(library, out, **options):
+        calls.append(out)
+        time.sleep(1.0)
+        out.mkdir(parents=True)
+        (out / exporter.REPORT_NAME).write_text("{}")
+
+    monkeypatch.setenv("RIFFUSION_PADDLE_CACHE", str(tmp_path))
+    monkeypatch.setattr(exporter, "export_library", slow_export)
+    folders = []
+    threads = [threading.Thread(target=lambda: folders.append(cache.cached_export(paddle_library))) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1 and folders == calls * 3
+    assert "another process is exporting its UNet" in capsys.readouterr().err

@@ -22,7 +22,9 @@ import soundfile
 from PIL import Image
 
 from riffusion import seed_images
+from riffusion.model_options import ModelOptions
 from riffusion.pipeline import RiffusionPipeline
+from riffusion.ports import free_port
 from riffusion.server import close, make_server
 
 APP_REQUEST = {  # as riffusion-app sends it: integers where floats are meant
@@ -330,17 +332,19 @@ def test_server_refuses_a_seed_folder_without_images(paddle_library, tmp_path, c
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signals_stop_the_server_promptly_even_mid_request(paddle_library, narrow_folder, signum):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    """Also: a plain library is served as the CLI runs it, its UNet's static program from the export cache."""
+    port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "riffusion.server", "--checkpoint", str(paddle_library), "--seed-images",
          str(narrow_folder), "--port", str(port), "--max-steps", "500"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:
+        said = []
         for line in process.stdout:
+            said.append(line.rstrip("\n"))
             if line.startswith("serving"):
                 break
+        assert "running: unet Paddle Inference, text_encoder Paddle dynamic, vae Paddle dynamic" in said, said
         with ThreadPoolExecutor(max_workers=1) as pool:
             long = changed(num_inference_steps=500, start__denoising=1.0, end__denoising=1.0)
             pending = pool.submit(post, f"http://127.0.0.1:{port}", long, 300)
@@ -354,3 +358,49 @@ def test_signals_stop_the_server_promptly_even_mid_request(paddle_library, narro
     finally:
         process.kill()
         process.wait()
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads(paddle_library):
+    """Another server on the port: python -m riffusion.server says so in one line naming the port and exits 1,
+    before it exports or loads anything (it used to load the model first and end in a traceback)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "riffusion.server", "--library", str(paddle_library),
+                                 "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: port {port} on 127.0.0.1 is already in use (another server?); stop it or choose another with --port"]
+    assert result.stdout == ""
+
+
+def test_model_options_reach_the_server(paddle_library, exported, tiny_lora, narrow_folder, capsys):
+    """The stdlib server's model comes from riffusion.model_options, as the CLI's and every Ray replica's: a LoRA
+    at scale 0 answers the base model's bytes and at scale 1 other bytes, --scheduler dpmsolver++ other bytes,
+    --runtime onnx --precision fp32 runs onnxruntime, --runtime dynamic opts out of the export cache, and a
+    precision the export does not hold is one line and exit 1."""
+    from riffusion.server import main
+
+    def reply(**options) -> bytes:
+        server = serve(ModelOptions(paddle_library, **options).load(quiet=True), narrow_folder)
+        try:
+            response = post(f"http://127.0.0.1:{server.server_port}", APP_REQUEST)
+            assert response.status_code == 200, response.text
+            return response.content
+        finally:
+            stop(server)
+
+    base = reply(runtime="dynamic")
+    assert reply(lora=tiny_lora, lora_scale=0.0) == base
+    assert reply(lora=tiny_lora) != base
+    assert reply(runtime="dynamic", scheduler="dpmsolver++") != base
+    onnx = ModelOptions(paddle_library, export=exported[0], runtime="onnx", precision="fp32").load()
+    assert (onnx.runtime, onnx.precision) == ("onnx", "fp32")
+    assert "running: unet onnxruntime, text_encoder onnxruntime, vae onnxruntime" in capsys.readouterr().err
+    dynamic = ModelOptions(paddle_library, runtime="dynamic").load(quiet=True)
+    assert (dynamic.runtime, type(dynamic.pipe.unet).__name__) == ("dynamic", "UNet2DConditionModel")
+    assert main(["--library", str(paddle_library), "--export", str(exported[0]), "--precision", "int8",
+                 "--port", "0"]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "holds no int8 programs" in errors[0], errors
