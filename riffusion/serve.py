@@ -40,7 +40,7 @@ from starlette.responses import Response
 from riffusion import app_api
 from riffusion import seed_images as seeds  # `seed_images` is the folder argument's name below
 from riffusion.app_api import BadRequest, Reply
-from riffusion.console import HelpFormatter, quiet_third_party
+from riffusion.console import HelpFormatter, add_version, quiet_third_party
 from riffusion.errors import InputError
 from riffusion.model_options import ModelOptions, add_model_options
 from riffusion.ports import check_free, port_number
@@ -279,7 +279,7 @@ def _parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
+    parser = add_version(_parser())
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=port_number, default=3013)
     parser.add_argument("--address", help="a running Ray cluster (auto, or ray://HOST:10001); default: start one here")
