@@ -269,8 +269,15 @@ def _variants(library: Path, staging: Path, components, variants, entries: dict,
         entry = {"runtime": backend, "precision": precision, "shipped": True}
         if precision == "int8":
             _progress(quiet, "unet: quantizing to int8 (onnxruntime, calibrated on the recorded UNet inputs)")
-            entry["quantization"] = _in_child("int8 quantization of the UNet", precisions.quantize_int8,
-                                              staging / "unet", calibration, quiet)
+            try:
+                entry["quantization"] = _in_child("int8 quantization of the UNet", precisions.quantize_int8,
+                                                  staging / "unet", calibration, quiet)
+            except ExportError as error:  # the other variants are still good: keep them, say why int8 is not
+                for file in (precisions.INT8_MODEL, precisions.INT8_DATA):
+                    (staging / "unet" / file).unlink(missing_ok=True)
+                results[name] = dict(entry, shipped=False, reason=str(error))
+                _progress(quiet, f"{name}: not kept: {error}")
+                continue
             entry["quantization"].update(op_types=list(precisions.INT8_OP_TYPES), calibration_samples=len(calibration))
             examples, references = checked["unet"]
             if not _validate_precision(SPECS["unet"], staging / "unet", entries["unet"], "onnx", "int8", examples,

@@ -227,3 +227,26 @@ def test_a_variant_run_that_dies_is_a_clear_export_error():
     assert _in_child("a sum", sum, [1, 2, 3]) == 6
     with pytest.raises(ExportError, match="the fidelity request on static-bf16 stopped without an answer"):
         _in_child("the fidelity request on static-bf16", os._exit, 9)
+
+
+def test_an_int8_quantization_that_dies_leaves_the_other_variants(paddle_library, tmp_path, monkeypatch):
+    """onnxruntime's calibration of the full-size UNet needed over 15 GB here and was killed; the export
+    then keeps its fp32 variants and records why int8 is missing instead of throwing the export away."""
+    from export import exporter
+
+    real = exporter._in_child
+
+    def out_of_memory(what, function, *args):
+        if "quantization" in what:
+            raise ExportError(f"{what} stopped without an answer (killed, likely for lack of memory)")
+        return real(what, function, *args)
+
+    monkeypatch.setattr(exporter, "_in_child", out_of_memory)
+    out = tmp_path / "export"
+    report = exporter.export_library(paddle_library, out, components=("unet",), precision=("int8",), quiet=True,
+                                     fidelity_steps=2)
+    entry = report["variants"]["onnx-int8"]
+    assert not entry["shipped"] and "lack of memory" in entry["reason"]
+    assert report["variants"]["onnx-fp32"]["shipped"] and "timing" in report["variants"]["onnx-fp32"]
+    assert not list((out / "unet").glob("*int8*"))
+    assert json.loads((out / "export_report.json").read_text())["variants"]["onnx-int8"]["shipped"] is False
