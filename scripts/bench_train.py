@@ -43,10 +43,13 @@ def write_dataset(folder: Path, latent: int) -> Path:
     return folder
 
 
-def paddle_side(library: Path, data: Path, steps: int) -> dict:
-    from riffusion.train import Trainer, TrainConfig
+def paddle_side(library: Path, data: Path, steps: int, variant: str = "tuned") -> dict:
+    from riffusion.train import Trainer, TrainConfig, tune_cpu_runtime
 
-    trainer = Trainer(TrainConfig(str(library), str(data), rank=4, targets=TARGETS, batch_size=1, lr=1e-4))
+    if variant == "tuned":  # what python -m riffusion.train does
+        tune_cpu_runtime()
+    trainer = Trainer(TrainConfig(str(library), str(data), rank=4, targets=TARGETS, batch_size=1, lr=1e-4),
+                      attention="blockwise" if variant == "tuned" else "stock")
     times = []
     for step in range(steps + 1):
         began = time.perf_counter()
@@ -100,7 +103,7 @@ def run_child(side: str, args, data: Path) -> dict:
     import psutil
 
     command = [sys.executable, __file__, "--worker", side, "--data", str(data), "--paddle", str(args.paddle),
-               "--torch", str(args.torch), "--steps", str(args.steps)]
+               "--torch", str(args.torch), "--steps", str(args.steps), "--paddle-variant", args.paddle_variant]
     began = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     stopped = {}
@@ -138,11 +141,15 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=2, help="timed optimizer steps after one warm-up step")
     p.add_argument("--latent", type=int, default=64, help="latent side (64: 512x512 images)")
     p.add_argument("--max-rss-gb", type=float, default=16.0, help="stop a side whose RSS passes this")
+    p.add_argument("--paddle-variant", choices=("tuned", "stock"), default="tuned",
+                   help="tuned: the trainer as python -m riffusion.train runs it; stock: ppdiffusers' attention "
+                        "and Paddle's default CPU runtime (the trainer before riffusion.attention and "
+                        "tune_cpu_runtime), to measure against")
     p.add_argument("--worker", choices=("paddle", "torch"), help=argparse.SUPPRESS)
     p.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        result = (paddle_side(args.paddle, args.data, args.steps) if args.worker == "paddle"
+        result = (paddle_side(args.paddle, args.data, args.steps, args.paddle_variant) if args.worker == "paddle"
                   else torch_side(args.torch, args.data, args.steps))
         result["peak_rss_gb"] = _peak_rss_gb()
         print(json.dumps(result))
@@ -150,7 +157,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as work:
         data = write_dataset(Path(work) / "data", args.latent)
         results = {side: run_child(side, args, data) for side in ("torch", "paddle")}
-    print(f"LoRA rank 4 training step, batch 1, {args.latent * 8}x{args.latent * 8}, fp32, CPU; median of {args.steps}")
+    print(f"LoRA rank 4 training step, batch 1, {args.latent * 8}x{args.latent * 8}, fp32, CPU; median of {args.steps}; "
+          f"paddle {args.paddle_variant}")
     for side, result in results.items():
         if "error" in result:
             print(f"{side:8s} {result['error']}")
