@@ -37,8 +37,11 @@ def test_block_attention_matches_softmax_attention(budget):
 
 
 def test_trainer_blockwise_attention_matches_stock(paddle_library, tmp_path, monkeypatch):
-    """Two LoRA steps of the tiny model give the same losses and LoRA weights with the blockwise attention
-    (split into many blocks here) as with ppdiffusers' AttnProcessor (float tolerance; measured 1e-8)."""
+    """The tiny model's training loss and the gradients of every LoRA weight (up and down, the up weights set
+    non-zero) are the same with the blockwise attention (split into many blocks here) as with ppdiffusers'
+    AttnProcessor, within float rounding (measured: loss equal, gradients 3.1e-6 of their largest value).
+    Gradients rather than weights after AdamW steps: Adam's first step divides each gradient by its own
+    size, which turns rounding differences of near-zero gradients into weight differences of lr."""
     from PIL import Image
 
     from riffusion import attention
@@ -52,15 +55,22 @@ def test_trainer_blockwise_attention_matches_stock(paddle_library, tmp_path, mon
     monkeypatch.setattr(attention, "BLOCK_ELEMENTS", 200)
     runs = {}
     for kind in ("stock", "blockwise"):
-        trainer = Trainer(TrainConfig(str(paddle_library), str(data), lr=1e-2), attention=kind)
-        losses = [trainer.step(step) for step in range(2)]
-        runs[kind] = losses, {name: p.numpy() for name, p in trainer.trainable.items()}
-    (stock_losses, stock), (block_losses, block) = runs["stock"], runs["blockwise"]
-    difference = max(float(np.abs(stock[name] - block[name]).max()) for name in stock)
-    print(f"losses stock {stock_losses} blockwise {block_losses}; max abs LoRA weight difference {difference:.2e}")
-    np.testing.assert_allclose(block_losses, stock_losses, rtol=1e-5)
-    assert difference < 1e-5
-    assert max(float(np.abs(w).max()) for w in block.values()) > 1e-3  # the steps did move the weights
+        trainer = Trainer(TrainConfig(str(paddle_library), str(data)), attention=kind)
+        rng = np.random.default_rng(2)
+        for name, parameter in sorted(trainer.trainable.items()):
+            if name.endswith("up.weight"):
+                parameter.set_value(rng.normal(0, 0.1, parameter.shape).astype(np.float32))
+        loss = trainer._micro_batch_loss([0])
+        loss.backward()
+        runs[kind] = float(loss), {name: p.grad.numpy() for name, p in trainer.trainable.items()}
+    (stock_loss, stock), (block_loss, block) = runs["stock"], runs["blockwise"]
+    largest = max(float(np.abs(g).max()) for g in stock.values())
+    difference = max(float(np.abs(stock[name] - block[name]).max()) for name in stock) / largest
+    print(f"loss stock {stock_loss} blockwise {block_loss}; max abs gradient difference {difference:.1e} of the "
+          f"largest gradient {largest:.2e}")
+    assert abs(block_loss - stock_loss) <= 1e-5 * abs(stock_loss)
+    assert difference < 1e-4
+    assert all(float(np.abs(g).max()) > 0 for g in block.values())  # every LoRA weight gets a gradient
 
 
 _MATMUL = """
