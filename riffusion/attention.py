@@ -134,5 +134,12 @@ class BlockwiseAttnProcessor:
 
 
 def use_blockwise_attention(unet, budget: int | None = None) -> None:
-    """Give every attention layer of the UNet the blockwise processor (LoRA layers stay attached)."""
-    unet.set_attn_processor(BlockwiseAttnProcessor(budget))
+    """Give every attention layer of the UNet the blockwise processor (LoRA layers stay attached). Set layer
+    by layer: unet.set_attn_processor first reads unet.attn_processors, which fails once a LoRA'd layer has
+    a processor ppdiffusers does not know (it looks for a "LoRA" + class name variant)."""
+    from ppdiffusers.models.attention_processor import Attention
+
+    processor = BlockwiseAttnProcessor(budget)
+    for _, layer in unet.named_sublayers():
+        if isinstance(layer, Attention):
+            layer.set_processor(processor)
