@@ -40,7 +40,7 @@ from starlette.responses import Response
 from riffusion import app_api
 from riffusion import seed_images as seeds  # `seed_images` is the folder argument's name below
 from riffusion.app_api import BadRequest, Reply
-from riffusion.console import HelpFormatter, add_version, quiet_third_party
+from riffusion.console import HelpFormatter, add_version, command, quiet_third_party
 from riffusion.errors import InputError
 from riffusion.model_options import ModelOptions, add_model_options
 from riffusion.ports import check_free, port_number
@@ -278,6 +278,7 @@ def _parser(parser_class=argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = add_version(_parser())
     parser.add_argument("--host", default="127.0.0.1")
@@ -285,14 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", help="a running Ray cluster (auto, or ray://HOST:10001); default: start one here")
     args = parser.parse_args(argv)
     quiet_third_party()
-    try:
-        app = _build(args)
-        if args.address is None:  # on a cluster the HTTP proxies run on its nodes, and the replicas export there
-            check_free(args.host, args.port)
-            ModelOptions.from_args(args).prepare()  # checked, and exported once here for this machine's replicas
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    app = _build(args)
+    if args.address is None:  # on a cluster the HTTP proxies run on its nodes, and the replicas export there
+        check_free(args.host, args.port)
+        ModelOptions.from_args(args).prepare()  # checked, and exported once here for this machine's replicas
     import ray
 
     ray.init(address=args.address, include_dashboard=False, log_to_driver=False)

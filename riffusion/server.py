@@ -25,7 +25,7 @@ from pathlib import Path
 
 from riffusion import app_api, seed_images
 from riffusion.app_api import BadRequest, Reply
-from riffusion.console import HelpFormatter, add_version, quiet_third_party
+from riffusion.console import HelpFormatter, add_version, command, quiet_third_party
 from riffusion.errors import InputError
 from riffusion.model_options import ModelOptions, add_model_options
 from riffusion.ports import listen_error, port_number
@@ -179,6 +179,7 @@ def _stop_on_sigterm(signum, frame):
     raise KeyboardInterrupt  # serve_forever runs on this (main) thread: leave it as SIGINT does
 
 
+@command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m riffusion.server", description="riffusion-app's inference server on Paddle",
                                      formatter_class=HelpFormatter)
@@ -197,20 +198,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     quiet_third_party()
     options = ModelOptions.from_args(args)
-    try:
-        options.check()
-        seed_folder = seed_images.folder_for(args.checkpoint, args.seed_images)
-        # the port first: one taken by another server is said now, not after minutes of loading
-        server = make_server(None, args.host, args.port, seed_folder, args.max_steps, args.max_pending)
-    except InputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    options.check()
+    seed_folder = seed_images.folder_for(args.checkpoint, args.seed_images)
+    # the port first: one taken by another server is said now, not after minutes of loading
+    server = make_server(None, args.host, args.port, seed_folder, args.max_steps, args.max_pending)
     try:
         server.pipeline = options.load()
-    except (InputError, ValueError) as error:
+    except BaseException as error:
         close(server)
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        if isinstance(error, ValueError):
+            raise InputError(str(error)) from None
+        raise
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     try:
         print(f"serving riffusion on http://{args.host}:{server.server_port}/run_inference/ "
