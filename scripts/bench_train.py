@@ -98,14 +98,12 @@ def torch_side(repo: Path, data: Path, steps: int) -> dict:
     return {"times": times[1:]}
 
 
-def run_child(side: str, args, data: Path) -> dict:
-    """Run one side in a child; stop it above --max-rss-gb."""
+def run_watched(command: list[str], max_rss_gb: float, stderr=None) -> dict:
+    """Run a benchmark child that prints its result as JSON on its last stdout line; kill it above
+    `max_rss_gb` of RSS. The result, or {"error": ...}."""
     import psutil
 
-    command = [sys.executable, __file__, "--worker", side, "--data", str(data), "--paddle", str(args.paddle),
-               "--torch", str(args.torch), "--steps", str(args.steps), "--paddle-variant", args.paddle_variant]
-    began = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
     stopped = {}
 
     def watch():
@@ -115,22 +113,31 @@ def run_child(side: str, args, data: Path) -> dict:
                 rss = child.memory_info().rss / 2**30
             except psutil.Error:
                 return
-            if rss > args.max_rss_gb:
+            if rss > max_rss_gb:
                 stopped["rss_gb"] = rss
                 process.kill()
                 return
-            time.sleep(0.2)
+            time.sleep(0.1)
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     output, _ = process.communicate()
     watcher.join()
     if stopped:
-        return {"error": f"stopped at {stopped['rss_gb']:.1f} GB RSS (--max-rss-gb {args.max_rss_gb})"}
+        return {"error": f"stopped at {stopped['rss_gb']:.1f} GB RSS (--max-rss-gb {max_rss_gb})"}
     if process.returncode != 0:
         return {"error": f"exit status {process.returncode}"}
-    result = json.loads(output.strip().splitlines()[-1])
-    result["wall_s"] = time.perf_counter() - began
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def run_child(side: str, args, data: Path) -> dict:
+    """Run one side in a child; stop it above --max-rss-gb."""
+    command = [sys.executable, __file__, "--worker", side, "--data", str(data), "--paddle", str(args.paddle),
+               "--torch", str(args.torch), "--steps", str(args.steps), "--paddle-variant", args.paddle_variant]
+    began = time.perf_counter()
+    result = run_watched(command, args.max_rss_gb)
+    if "error" not in result:
+        result["wall_s"] = time.perf_counter() - began
     return result
 
 

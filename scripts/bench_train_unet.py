@@ -20,9 +20,11 @@ import json
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_train import run_watched  # noqa: E402
 
 SIDES = ("torch", "paddle-stock", "paddle-blockwise", "paddle-stock+tuned", "paddle-blockwise+tuned")
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -116,35 +118,9 @@ def torch_side(latent: int, config: dict, steps: int) -> list[float]:
 
 def run_child(side: str, args) -> dict:
     """One side in a child process; stopped above --max-rss-gb."""
-    import psutil
-
     command = [sys.executable, __file__, "--worker", side, "--latent", str(args.latent), "--steps", str(args.steps),
                "--config", json.dumps(_config(args.layers_per_block))]  # convert.builtin imports torch
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    stopped = {}
-
-    def watch():
-        child = psutil.Process(process.pid)
-        while process.poll() is None:
-            try:
-                rss = child.memory_info().rss / 2**30
-            except psutil.Error:
-                return
-            if rss > args.max_rss_gb:
-                stopped["rss_gb"] = rss
-                process.kill()
-                return
-            time.sleep(0.1)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    output, _ = process.communicate()
-    watcher.join()
-    if stopped:
-        return {"error": f"stopped at {stopped['rss_gb']:.1f} GB RSS (--max-rss-gb {args.max_rss_gb})"}
-    if process.returncode != 0:
-        return {"error": f"exit status {process.returncode}"}
-    return json.loads(output.strip().splitlines()[-1])
+    return run_watched(command, args.max_rss_gb, stderr=subprocess.DEVNULL)
 
 
 def main() -> int:
