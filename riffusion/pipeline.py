@@ -261,6 +261,10 @@ class RiffusionPipeline:
         """Embeddings [1, chunks * 77, hidden] of prompts used together, all of one length (riffusion.prompts)."""
         return [paddle.to_tensor(embedding[None]) for embedding in self._encoded(tuple(prompts))]
 
+    def clear_prompt_cache(self) -> None:
+        """Forget the prompt encodings kept from earlier requests: the next request encodes its prompts."""
+        self._encoded.cache_clear()
+
     def _encode(self, prompts: tuple[str, ...]) -> np.ndarray:
         from riffusion.prompts import encode
 

@@ -314,3 +314,37 @@ def unet_feeds(model, count: int) -> list[dict]:
              "timestep": np.array([900.0 - 200 * index], dtype=np.float32),
              "encoder_hidden_states": rng.standard_normal((2, 77, width["encoder_hidden_states"]), dtype=np.float32)}
             for index in range(count)]
+
+
+def test_bench_app_times_every_stage_of_every_backend(torch_repo, paddle_library, exported, reduced, tmp_path):
+    """scripts/bench_app.py's per-backend worker times each stage of a request (text encoding, VAE encode,
+    UNet, VAE decode, audio, MP3) above zero in torch, Paddle dynamic, Paddle Inference fp32/bf16 and
+    onnxruntime fp32/int8, with the precision it was asked for. The Paddle pipeline keeps the prompt encodings
+    of its untimed warm-up request, which left text encoding at 0.00 s in every Paddle row."""
+    import importlib.util
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_app.py"
+    spec = importlib.util.spec_from_file_location("bench_app", script)
+    bench_app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_app)
+
+    everything, _ = exported  # every component exported, fp32
+    unet_only, _ = reduced  # the UNet in every precision this CPU runs
+    runs = [("torch", everything, "fp32"), ("dynamic", everything, "fp32"), ("static-fp32", everything, "fp32"),
+            ("onnx-fp32", everything, "fp32"), ("onnx-int8", unet_only, "int8")]
+    if precisions.supported("bf16"):
+        runs.append(("static-bf16", unet_only, "bf16"))
+    calls = {}
+    for backend, export, precision in runs:
+        output = tmp_path / f"{backend}.json"
+        assert bench_app.main(["--worker", backend, "--output", str(output), "--model", str(paddle_library),
+                               "--torch", str(torch_repo), "--export", str(export), "--steps", "2"]) == 0
+        result = json.loads(output.read_text())
+        assert set(result["stages_s"]) == set(bench_app.STAGES)
+        for stage, seconds in result["stages_s"].items():
+            assert seconds > 0, (backend, stage, result)
+        assert result["unet_step_s"] > 0
+        calls[backend] = result["unet_calls"]
+        if backend != "torch":
+            assert (result["runtime"], result["precision"]) == (backend.split("-")[0], precision)
+    assert set(calls.values()) == {calls["torch"]} and calls["torch"] >= 1, calls  # one schedule everywhere
