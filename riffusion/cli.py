@@ -9,6 +9,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 from riffusion.console import HelpFormatter, add_version, command, quiet_third_party
+from riffusion.cpu_tuning import tune_cpu_runtime
 from riffusion.errors import InputError
 from riffusion.model_options import ModelOptions, add_model_options, finite
 
@@ -240,6 +241,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     quiet_third_party()
+    tune_cpu_runtime()
     try:
         args.run(args)
     except ValueError as error:

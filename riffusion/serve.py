@@ -41,6 +41,7 @@ from riffusion import app_api
 from riffusion import seed_images as seeds  # `seed_images` is the folder argument's name below
 from riffusion.app_api import BadRequest, Reply
 from riffusion.console import HelpFormatter, add_version, command, quiet_third_party
+from riffusion.cpu_tuning import tune_cpu_runtime
 from riffusion.errors import InputError
 from riffusion.model_options import ModelOptions, add_model_options
 from riffusion.ports import check_free, port_number
@@ -71,6 +72,7 @@ class RiffusionModel:
     `max_batch_size`) run as one batch. Batching is live-tunable through user_config."""
 
     def __init__(self, options: ModelOptions, seed_images: str | None = None):
+        tune_cpu_runtime()  # a replica is a process of its own, with Paddle not loaded yet
         self.seed_folder = seeds.folder_for(options.checkpoint, seed_images)
         # One thread owns the pipeline: Paddle Inference predictors fail when called from another thread.
         self.owner = ThreadPoolExecutor(1, thread_name_prefix="riffusion-model")
@@ -286,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", help="a running Ray cluster (auto, or ray://HOST:10001); default: start one here")
     args = parser.parse_args(argv)
     quiet_third_party()
+    tune_cpu_runtime()
     app = _build(args)
     if args.address is None:  # on a cluster the HTTP proxies run on its nodes, and the replicas export there
         check_free(args.host, args.port)

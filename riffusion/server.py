@@ -26,6 +26,7 @@ from pathlib import Path
 from riffusion import app_api, seed_images
 from riffusion.app_api import BadRequest, Reply
 from riffusion.console import HelpFormatter, add_version, command, quiet_third_party
+from riffusion.cpu_tuning import tune_cpu_runtime
 from riffusion.errors import InputError
 from riffusion.model_options import ModelOptions, add_model_options
 from riffusion.ports import listen_error, port_number
@@ -197,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="requests that may wait for the model; more are answered 503 with Retry-After")
     args = parser.parse_args(argv)
     quiet_third_party()
+    tune_cpu_runtime()
     options = ModelOptions.from_args(args)
     options.check()
     seed_folder = seed_images.folder_for(args.checkpoint, args.seed_images)

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from riffusion.console import add_version, command, quiet_third_party
+from riffusion.cpu_tuning import tune_cpu_runtime
 from riffusion.errors import InputError
 
 CONFIG_FILE = "train_config.json"
@@ -285,55 +286,6 @@ class Trainer:
         from riffusion import lora
 
         return lora.state_dict(self.unet_lora, self.text_lora)
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters (malloc.h)
-HEAP_REUSE_BYTES = 1 << 30
-
-
-def tune_cpu_runtime() -> None:
-    """Call before Paddle is imported (it is process-wide). Three settings, measured on the 2-core AMD EPYC
-    (AVX512) here:
-    - Paddle's MKL (mklml) takes a slow generic code path on AMD CPUs: a 1024x1280x5120 matmul ran at 37
-      GFLOPS, torch's at 80. MKL_DEBUG_CPU_TYPE=5 (with MKL_ENABLE_INSTRUCTIONS=AVX512 where the CPU has it)
-      gives 95 GFLOPS; convolutions gain alike. Only set on AMD: on Intel MKL already picks its best path.
-    - glibc maps every allocation above 32 MB anew and unmaps it on free, so each big tensor's pages fault
-      in again, which costs more than the arithmetic here (an exp over 134M floats: 0.41 s in fresh memory,
-      0.14 s in reused); mallopt raises the mmap and trim thresholds so freed memory is reused.
-    - ppdiffusers imports torch whenever it is installed, and with torch loaded those faults come back:
-      USE_TORCH=0 keeps it out (training never needs torch)."""
-    import ctypes
-
-    os.environ.setdefault("USE_TORCH", "0")
-    if "paddle" not in sys.modules and _cpu_vendor() == "AuthenticAMD":
-        os.environ.setdefault("MKL_DEBUG_CPU_TYPE", "5")
-        if "avx512f" in _cpu_flags():
-            os.environ.setdefault("MKL_ENABLE_INSTRUCTIONS", "AVX512")
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(M_MMAP_THRESHOLD, HEAP_REUSE_BYTES)
-            libc.mallopt(M_TRIM_THRESHOLD, HEAP_REUSE_BYTES)
-        except (OSError, AttributeError):  # not glibc: leave the allocator alone
-            pass
-
-
-def _cpuinfo(field_name: str) -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
-            if line.startswith(field_name):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
-def _cpu_vendor() -> str:
-    return _cpuinfo("vendor_id")
-
-
-def _cpu_flags() -> set[str]:
-    return set(_cpuinfo("flags").split())
 
 
 def _split_accumulator(key: str, names: dict) -> tuple[str, str]:

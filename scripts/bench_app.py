@@ -12,6 +12,8 @@ the seed image, the UNet steps (batch 2: classifier-free guidance), VAE decode, 
 The Paddle pipeline keeps the encodings of prompts it has seen (the app repeats its prompts request after
 request); every timed request here starts without them, so text encoding is paid as on a new prompt pair.
 
+Paddle backends run with riffusion.cpu_tuning as the riffusion commands do (RIFFUSION_CPU_TUNING=0: without).
+
 Backends (each in a child process of its own, so peak RSS is per backend and no two share thread pools):
   torch        diffusers StableDiffusionImg2ImgPipeline with the same scheduler, lerped prompt
                embeddings, our audio path
@@ -209,6 +211,9 @@ def _hook(layer, stages: dict, stage: str) -> None:
 
 
 def _paddle(args):
+    from riffusion.cpu_tuning import tune_cpu_runtime
+
+    tune_cpu_runtime()  # as the riffusion commands run
     import paddle
 
     from riffusion.pipeline import PromptInput, RiffusionPipeline

@@ -98,12 +98,12 @@ def torch_side(repo: Path, data: Path, steps: int) -> dict:
     return {"times": times[1:]}
 
 
-def run_watched(command: list[str], max_rss_gb: float, stderr=None) -> dict:
+def run_watched(command: list[str], max_rss_gb: float, stderr=None, env: dict | None = None) -> dict:
     """Run a benchmark child that prints its result as JSON on its last stdout line; kill it above
     `max_rss_gb` of RSS. The result, or {"error": ...}."""
     import psutil
 
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
     stopped = {}
 
     def watch():

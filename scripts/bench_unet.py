@@ -8,8 +8,9 @@ LIBRARY is a converted ppdiffusers library, TORCH_REPO the torch diffusers repo 
 torch eager row and parity against torch; without it the ratios are to Paddle dynamic). Without
 --export the UNet is exported first (static + ONNX) into a temporary folder and that run is timed.
 Each backend runs in a child process of its own, so peak RSS is per backend and no two runtimes share
-thread pools. Every backend sees the same inputs; the table gives each output's max abs difference
-from torch and from Paddle dynamic. --device gpu: torch CUDA, Paddle GPU, Paddle Inference GPU
+thread pools; the Paddle and onnxruntime ones run with riffusion.cpu_tuning as the riffusion commands do
+(RIFFUSION_CPU_TUNING=0: without). Every backend sees the same inputs; the table gives each output's max
+abs difference from torch and from Paddle dynamic. --device gpu: torch CUDA, Paddle GPU, Paddle Inference GPU
 (--fp16 half precision, --tensorrt TensorRT subgraphs), onnxruntime CUDA (TensorRT provider with
 --tensorrt); --fp16 also runs torch and Paddle dynamic in half precision.
 """
@@ -208,6 +209,9 @@ def _torch(args, data, threads):
 
 
 def _dynamic(args, data, threads):
+    from riffusion.cpu_tuning import tune_cpu_runtime
+
+    tune_cpu_runtime()  # as the riffusion commands run
     import paddle
     from ppdiffusers import UNet2DConditionModel
 
@@ -233,6 +237,9 @@ def _dynamic(args, data, threads):
 
 def _runtime(backend):
     def load(args, data, threads):
+        from riffusion.cpu_tuning import tune_cpu_runtime
+
+        tune_cpu_runtime()  # as the riffusion commands run
         from export.runtime import load_unet
 
         options = {"device": args.device, "threads": threads}

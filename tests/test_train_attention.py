@@ -77,7 +77,7 @@ _MATMUL = """
 import json, sys
 import numpy as np
 if sys.argv[1] == "tuned":
-    from riffusion.train import tune_cpu_runtime
+    from riffusion.cpu_tuning import tune_cpu_runtime
     tune_cpu_runtime()
 import os, paddle, ppdiffusers
 rng = np.random.default_rng(0)
@@ -99,7 +99,7 @@ def test_tuned_cpu_runtime_keeps_the_numbers(tmp_path):
     import os
     import subprocess
     import sys
-    from riffusion.train import _cpu_vendor
+    from riffusion.cpu_tuning import cpu_vendor
 
     results = {}
     for kind in ("default", "tuned"):
@@ -113,4 +113,4 @@ def test_tuned_cpu_runtime_keeps_the_numbers(tmp_path):
     print(f"tuned vs default runtime: max abs difference {difference:.2e} (max |value| {np.abs(default).max():.1f})")
     assert difference < 1e-4
     assert info["torch"] is False
-    assert info["mkl"] == ("5" if _cpu_vendor() == "AuthenticAMD" else None)
+    assert info["mkl"] == ("5" if cpu_vendor() == "AuthenticAMD" else None)

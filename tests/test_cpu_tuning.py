@@ -1,0 +1,73 @@
+"""riffusion's commands (python -m riffusion, riffusion.server, riffusion.serve and each of its model replicas)
+apply riffusion.cpu_tuning before Paddle loads (README "Precision and speed" has what it gains), keep every
+variable the user set, and leave everything alone under RIFFUSION_CPU_TUNING=0."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from riffusion.cpu_tuning import SWITCH, cpu_flags, cpu_vendor
+
+# Each entry point runs on a checkpoint that does not exist, so it stops with its one error line right after
+# its start-up; the child then reports its environment and, for each call of tune_cpu_runtime, whether Paddle
+# was loaded by then.
+ENTRY = """
+import json, os, sys
+from riffusion import cpu_tuning
+entry, missing = sys.argv[1], sys.argv[2]
+calls, real = [], cpu_tuning.tune_cpu_runtime
+def tune():
+    calls.append("paddle" in sys.modules)
+    real()
+cpu_tuning.tune_cpu_runtime = tune  # before the entry point imports it
+if entry == "replica":
+    from riffusion.model_options import ModelOptions
+    from riffusion.serve import RiffusionModel
+    try:
+        RiffusionModel.func_or_class(ModelOptions(checkpoint=missing))
+    except Exception as error:
+        print(type(error).__name__, error, file=sys.stderr)
+else:
+    import importlib
+    main = importlib.import_module(entry).main
+    argv = {"riffusion.cli": ["text-to-audio", "jazz", missing + ".wav", "--checkpoint", missing]}.get(
+        entry, ["--checkpoint", missing, "--port", "0"])
+    assert main(argv) == 1
+print(json.dumps({"env": {name: os.environ.get(name) for name in ("MKL_DEBUG_CPU_TYPE", "MKL_ENABLE_INSTRUCTIONS",
+                                                                 "USE_TORCH")},
+                  "paddle_loaded_at_calls": calls}))
+"""
+ENTRIES = ("riffusion.cli", "riffusion.server", "riffusion.serve", "replica")
+
+
+def run_entry(entry: str, tmp_path, **user_env) -> dict:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("MKL_", "USE_TORCH", SWITCH))}
+    env.update(user_env)
+    done = subprocess.run([sys.executable, "-c", ENTRY, entry, str(tmp_path / "missing")], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "missing" in done.stderr  # it did stop on the missing checkpoint
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("entry", ENTRIES)
+def test_entry_points_tune_the_cpu_runtime_and_keep_the_users_settings(entry, tmp_path):
+    """MKL's CPU type (AMD CPUs only) and USE_TORCH=0 are set where the user set nothing; the user's own
+    MKL_ENABLE_INSTRUCTIONS stays as the user wrote it."""
+    amd = cpu_vendor() == "AuthenticAMD"
+    result = run_entry(entry, tmp_path, MKL_ENABLE_INSTRUCTIONS="AVX2")
+    assert result["env"] == {"MKL_DEBUG_CPU_TYPE": "5" if amd else None, "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                             "USE_TORCH": "0"}
+    assert result["paddle_loaded_at_calls"] == [False]  # called once, before anything loaded Paddle
+
+
+def test_the_user_can_turn_the_tuning_off(tmp_path):
+    """RIFFUSION_CPU_TUNING=0 sets nothing, and a user's MKL_DEBUG_CPU_TYPE is never replaced."""
+    assert run_entry("riffusion.cli", tmp_path, **{SWITCH: "0"})["env"] == {
+        "MKL_DEBUG_CPU_TYPE": None, "MKL_ENABLE_INSTRUCTIONS": None, "USE_TORCH": None}
+    kept = run_entry("riffusion.cli", tmp_path, MKL_DEBUG_CPU_TYPE="4")["env"]
+    wanted = "AVX512" if cpu_vendor() == "AuthenticAMD" and "avx512f" in cpu_flags() else None
+    assert kept == {"MKL_DEBUG_CPU_TYPE": "4", "MKL_ENABLE_INSTRUCTIONS": wanted, "USE_TORCH": "0"}
