@@ -316,13 +316,18 @@ def unet_feeds(model, count: int) -> list[dict]:
             for index in range(count)]
 
 
-def test_bench_app_times_every_stage_of_every_backend(torch_repo, paddle_library, exported, reduced, tmp_path):
+def test_bench_app_times_every_stage_of_every_backend(torch_repo, paddle_library, exported, reduced, tmp_path,
+                                                      monkeypatch):
     """scripts/bench_app.py's per-backend worker times each stage of a request (text encoding, VAE encode,
     UNet, VAE decode, audio, MP3) above zero in torch, Paddle dynamic, Paddle Inference fp32/bf16 and
     onnxruntime fp32/int8, with the precision it was asked for. The Paddle pipeline keeps the prompt encodings
     of its untimed warm-up request, which left text encoding at 0.00 s in every Paddle row."""
     import importlib.util
     from pathlib import Path
+
+    from riffusion.cpu_tuning import SWITCH
+
+    monkeypatch.setenv(SWITCH, "0")  # the workers run in this process: leave its environment as it is
     script = Path(__file__).resolve().parents[1] / "scripts" / "bench_app.py"
     spec = importlib.util.spec_from_file_location("bench_app", script)
     bench_app = importlib.util.module_from_spec(spec)
