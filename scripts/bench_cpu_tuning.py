@@ -9,8 +9,9 @@ heads, cross-attention to [batch, 77, 768]) with one resnet per block and random
 1.3 GB), so every side stays under --max-rss-gb (3 GB) where the full UNet (3.4 GB of weights) does not.
 It is built and exported once (into --work, reused when there). Every side runs in a child process of its
 own and the sides take turns (dynamic default, dynamic tuned, static-fp32 default, ...), round after round,
-so load from other work on the machine hits them alike. "default" children start with no MKL_* or
-USE_TORCH in their environment; "tuned" ones call tune_cpu_runtime before Paddle loads, "mkl" and
+so load from other work on the machine hits them alike. Every child runs with USE_TORCH=0 (torch loaded
+by ppdiffusers takes the dynamic side over 3 GB); "default" children have no MKL_* in their environment
+and glibc's own malloc thresholds, "tuned" ones call tune_cpu_runtime before Paddle loads, "mkl" and
 "malloc" apply one half of it. Prints each side's median seconds per forward, the tuned/default ratio of
 the medians and of each round's pair, and peak RSS.
 """
@@ -126,7 +127,8 @@ def print_table(results: dict, runtimes: list[str], tunings: list[str], args) ->
 
 
 def child(arguments: list[str], max_rss_gb: float) -> dict:
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("MKL_", "USE_TORCH"))}
+    env = {key: value for key, value in os.environ.items() if not key.startswith("MKL_")}
+    env["USE_TORCH"] = "0"  # every side: with torch loaded by ppdiffusers the dynamic side passes 3 GB
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env["GLOG_minloglevel"] = "2"
     return run_watched([sys.executable, str(Path(__file__).resolve())] + arguments, max_rss_gb,
