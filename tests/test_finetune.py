@@ -119,6 +119,24 @@ def _train(*args, env=None, **kwargs):
     return _run("-m", "riffusion.train", *args, "--quiet", env=env, **kwargs)
 
 
+@pytest.fixture
+def train_main(monkeypatch):
+    """riffusion.train's main() in this process, for checks of what a run writes or refuses rather than of the
+    process boundary (`python -m riffusion.train` runs as a process in the tests above and below; each such
+    process spends seconds importing Paddle). Its process-wide CPU tuning (tested on its own in
+    test_cpu_tuning) is switched off, and the environment variables it sets are restored afterwards."""
+    from riffusion import train
+    from riffusion.cpu_tuning import SWITCH
+
+    monkeypatch.setenv(SWITCH, "0")
+    monkeypatch.delenv("GLOG_minloglevel", raising=False)
+
+    def run(*args) -> int:
+        return train.main([*map(str, args), "--quiet"])
+
+    return run
+
+
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory):
     """Two 0.64 s clips with different captions."""
@@ -258,7 +276,7 @@ def test_two_processes_match_one_with_the_doubled_batch(paddle_library, clips, r
     np.testing.assert_allclose([e["loss"] for e in _log(run)], [e["loss"] for e in _log(reference_run)], rtol=1e-5)
 
 
-def test_text_encoder_lora_and_full_training(paddle_library, clips, tmp_path):
+def test_text_encoder_lora_and_full_training(paddle_library, clips, tmp_path, train_main):
     """--train-text-encoder adds text encoder LoRA that the CLI's --lora applies; --full writes a complete
     library that ppdiffusers loads, with a changed UNet and everything else copied."""
     import paddle
@@ -267,7 +285,7 @@ def test_text_encoder_lora_and_full_training(paddle_library, clips, tmp_path):
 
     lora_run, full_run = tmp_path / "te", tmp_path / "full"
     common = ["--checkpoint", str(paddle_library), "--data", str(clips), "--steps", "2", "--lr", "1e-2"]
-    assert _train(*common, "--out", str(lora_run), "--train-text-encoder").returncode == 0
+    assert train_main(*common, "--out", str(lora_run), "--train-text-encoder") == 0
     text_keys = [key for key in _weights(lora_run) if key.startswith("text_encoder.")]
     assert len(text_keys) == 2 * 4 * 2  # down/up x q,k,v,out x 2 layers
     ids = paddle.to_tensor([[49406, 320, 49407] + [49407] * 74])
@@ -277,7 +295,7 @@ def test_text_encoder_lora_and_full_training(paddle_library, clips, tmp_path):
     assert np.abs(tuned - base).max() > 1e-4
     np.testing.assert_array_equal(zero, base)
 
-    assert _train(*common, "--out", str(full_run), "--full").returncode == 0
+    assert train_main(*common, "--out", str(full_run), "--full") == 0
     from safetensors.numpy import load_file
 
     name = "unet/diffusion_paddle_model.safetensors"
@@ -304,7 +322,7 @@ def test_training_bad_options(paddle_library, clips, tmp_path, args, message):
     assert not (tmp_path / "run").exists()
 
 
-def test_training_bad_inputs(paddle_library, clips, reference_run, tmp_path):
+def test_training_bad_inputs(paddle_library, clips, reference_run, tmp_path, train_main, capsys):
     """No dataset, not a library, resuming with other options or past the run's steps: one line, exit 1."""
     cases = [
         (["--checkpoint", str(paddle_library), "--data", str(tmp_path), "--out", str(tmp_path / "a")], "no metadata.jsonl"),
@@ -314,8 +332,9 @@ def test_training_bad_inputs(paddle_library, clips, reference_run, tmp_path):
         (["--checkpoint", str(paddle_library), "--data", str(clips), "--out", str(reference_run)], "not empty"),
     ]
     for args, message in cases:
-        result = _train(*args)
-        assert result.returncode == 1 and message in result.stderr, (args, result.stderr)
+        status, stderr = train_main(*args), capsys.readouterr().err
+        errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+        assert status == 1 and len(errors) == 1 and message in errors[0], (args, stderr)
 
 
 def test_cli_and_server_take_the_lora(paddle_library, reference_run, tmp_path):
