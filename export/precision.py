@@ -16,7 +16,7 @@ support, the bars each precision is held to, and the int8 quantization of the ON
   linear layers only 7.7 s (2.4% relative error); with the convolutions as above 4.89 s (7.7%).
   The other components stay fp32.
 
-Imports numpy only; Paddle and onnxruntime are imported where they are used.
+Imports numpy and riffusion.cpu_tuning only; Paddle and onnxruntime are imported where they are used.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from export.errors import ExportError
+from riffusion.cpu_tuning import cpu_flags
 
 PRECISIONS = ("fp32", "bf16", "int8")
 RUNTIME_PRECISIONS = {"static": ("fp32", "bf16"), "onnx": ("fp32", "int8")}
@@ -51,18 +52,6 @@ def variant_name(runtime: str, precision: str) -> str:
 def owner(precision: str) -> str:
     """The runtime that holds a reduced precision (fp32: static)."""
     return next(runtime for runtime, held in RUNTIME_PRECISIONS.items() if precision in held)
-
-
-def cpu_flags() -> set[str]:
-    """The feature flags the CPU reports (/proc/cpuinfo; empty where there is none)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.partition(":")[2].split())
-    return set()
 
 
 def supported(precision: str) -> bool:
