@@ -5,7 +5,13 @@ import shutil
 
 import pytest
 
+from riffusion.cpu_tuning import mkl_settings
+
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Paddle in this process runs on the MKL path that every riffusion command sets up before Paddle loads, so what
+# a test computes here (the stdlib server fixture, a pipeline it loads) is what a command or a Ray replica gives.
+for name, value in mkl_settings().items():
+    os.environ.setdefault(name, value)
 os.environ.setdefault("HF_HOME", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "hf_home"))
 
 
