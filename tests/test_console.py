@@ -140,21 +140,41 @@ def _staging(folder):
     return [path for path in folder.iterdir() if path.name.startswith(".out.")]
 
 
+# `python -m convert` held at its last step, every file written into its staging folder and the rename to --out
+# not yet done, so that the signal lands mid-conversion however fast or slow the machine is.
+HELD_CONVERT = """
+import runpy, sys, time
+from pathlib import Path
+from riffusion import files
+held_marker, check = Path(sys.argv.pop(1)), files.check_destination
+def check_then_hold(out, overwrite):
+    if any(any(staging.iterdir()) for staging in Path(out).parent.glob(".out.*") if staging.is_dir()):
+        held_marker.touch()
+        time.sleep(300)
+    return check(out, overwrite)
+files.check_destination = check_then_hold
+runpy.run_module("convert", run_name="__main__", alter_sys=True)
+"""
+
+
 @pytest.mark.parametrize("signum, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_ctrl_c_mid_conversion_removes_staging_and_says_interrupted(signum, status, torch_repo, tmp_path):
-    """SIGINT (Ctrl-C) sent to a real `python -m convert` of the tiny model once its staging folder holds files:
-    exit 130 (before the shared entry point: killed by the signal, with a traceback), stderr ends with one
+    """SIGINT (Ctrl-C) sent to a real `python -m convert` of the tiny model while its staging folder holds every
+    file: exit 130 (before the shared entry point: killed by the signal, with a traceback), stderr ends with one
     `interrupted` line and shows no traceback, and neither the staging folder nor --out is left. SIGTERM ends it
     the same way with 143. (`python -m export` and the others stage through the same atomic_folder.)"""
     import time
 
-    child = subprocess.Popen([sys.executable, "-m", "convert", "--src", str(torch_repo), "--out", str(tmp_path / "out"),
-                              "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    held = tmp_path / "held"
+    child = subprocess.Popen([sys.executable, "-c", HELD_CONVERT, str(held), "--src", str(torch_repo),
+                              "--out", str(tmp_path / "out"), "--quiet"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while not any(any(staging.iterdir()) for staging in _staging(tmp_path) if staging.is_dir()):
-            assert child.poll() is None and time.monotonic() < deadline, "never started writing"
+        deadline = time.monotonic() + 240
+        while not held.exists():
+            assert child.poll() is None and time.monotonic() < deadline, "never finished writing into staging"
             time.sleep(0.05)
+        assert _staging(tmp_path) and not (tmp_path / "out").exists()
         child.send_signal(signum)
         out, err = child.communicate(timeout=120)
     finally:
