@@ -2,17 +2,21 @@
 
 import os
 import shutil
+import signal
 
 import pytest
 
 from riffusion.cpu_tuning import mkl_settings
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_HOME", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "hf_home"))
 # Paddle in this process runs on the MKL path that every riffusion command sets up before Paddle loads, so what
 # a test computes here (the stdlib server fixture, a pipeline it loads) is what a command or a Ray replica gives.
 for name, value in mkl_settings().items():
     os.environ.setdefault(name, value)
-os.environ.setdefault("HF_HOME", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "hf_home"))
+# A shell starts background jobs (`make test &`, nohup) with Ctrl-C ignored, and the commands the tests start
+# would inherit that: the tests that press Ctrl-C on a command need it delivered as a terminal delivers it.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session", autouse=True)
