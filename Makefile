@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(PY) -m convert.demo --out demo-output
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests --durations=20
+	$(PY) -m pytest -q tests --durations=20 -n auto --maxprocesses 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) demo-output

@@ -19,6 +19,16 @@ for name, value in mkl_settings().items():
 signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+@pytest.fixture(autouse=True)
+def environment_restored():
+    """Commands run in-process (main(argv)) tune the process as they would their own (USE_TORCH=0 keeps diffusers
+    from importing afterwards): each test gets back the environment it started with."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def export_cache(tmp_path_factory):
     """Programs that commands export on first use (export/cache.py) go here, not into the user's cache."""
