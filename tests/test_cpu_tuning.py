@@ -43,11 +43,15 @@ print(json.dumps({"env": {name: os.environ.get(name) for name in ("MKL_CBWR", "M
 ENTRIES = ("riffusion.cli", "riffusion.server", "riffusion.serve", "replica")
 
 
-def run_entry(entry: str, tmp_path, **user_env) -> dict:
+def untuned_environment(**user_env) -> dict[str, str]:
+    """This process's environment without any tuning variable (the test process sets MKL's), plus `user_env`."""
     env = {key: value for key, value in os.environ.items() if not key.startswith(("MKL_", "USE_TORCH", SWITCH))}
-    env.update(user_env)
+    return {**env, **user_env}
+
+
+def run_entry(entry: str, tmp_path, **user_env) -> dict:
     done = subprocess.run([sys.executable, "-c", ENTRY, entry, str(tmp_path / "missing")], capture_output=True,
-                          text=True, env=env, timeout=120)
+                          text=True, env=untuned_environment(**user_env), timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "missing" in done.stderr  # it did stop on the missing checkpoint
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -55,8 +59,8 @@ def run_entry(entry: str, tmp_path, **user_env) -> dict:
 
 @pytest.mark.parametrize("entry", ENTRIES)
 def test_entry_points_tune_the_cpu_runtime_and_keep_the_users_settings(entry, tmp_path):
-    """MKL's reproducible mode, its CPU type (AMD CPUs only) and USE_TORCH=0 are set where the user set nothing; the user's own
-    MKL_ENABLE_INSTRUCTIONS stays as the user wrote it."""
+    """MKL's reproducible mode, its CPU type (AMD CPUs only) and USE_TORCH=0 are set where the user set nothing;
+    the user's own MKL_ENABLE_INSTRUCTIONS stays as the user wrote it."""
     amd = cpu_vendor() == "AuthenticAMD"
     result = run_entry(entry, tmp_path, MKL_ENABLE_INSTRUCTIONS="AVX2")
     assert result["env"] == {"MKL_CBWR": "AUTO,STRICT", "MKL_DEBUG_CPU_TYPE": "5" if amd else None,
@@ -86,7 +90,8 @@ pipeline = ModelOptions(library).load(quiet=True)
 digests = []
 for _ in range(3):
     request = app_api.parse_request(body, seeds, app_api.DEFAULT_MAX_STEPS)
-    digests.append(hashlib.sha256(app_api.inference_reply(*app_api.infer(pipeline, request, seeds), request).body).hexdigest())
+    reply = app_api.inference_reply(*app_api.infer(pipeline, request, seeds), request)
+    digests.append(hashlib.sha256(reply.body).hexdigest())
 print(json.dumps(digests))
 """
 
@@ -98,9 +103,8 @@ def test_the_same_request_gives_the_same_bytes_every_time(paddle_library, narrow
     body = json.dumps({"alpha": 0.25, "num_inference_steps": 2, "seed_image_id": "og_beat", "mask_image_id": None,
                        "start": {"prompt": "church bells", "seed": 42, "denoising": 0.75, "guidance": 7},
                        "end": {"prompt": "jazz", "seed": 123, "denoising": 0.75, "guidance": 7}})
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("MKL_", "USE_TORCH", SWITCH))}
     done = subprocess.run([sys.executable, "-c", REPEAT, str(paddle_library), str(narrow_seed_folder), body],
-                          capture_output=True, text=True, env=env, timeout=300)
+                          capture_output=True, text=True, env=untuned_environment(), timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     digests = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(set(digests)) == 1, digests
